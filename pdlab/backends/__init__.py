@@ -1,0 +1,1 @@
+"""Backends that serve a workload and return per-request records (real engines now; the simulator later)."""

@@ -1,0 +1,24 @@
+"""Engine configuration: frozen, no I/O at construction; derived values are resolved by the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+    block_size: int = 16
+    # KV cache size: `num_blocks` when set; else `kv_cache_memory_bytes`; else on
+    # CUDA `gpu_memory_utilization` of the card minus what weights and
+    # activations take, and on CPU 512 MiB.
+    num_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None  # 2048 with chunked prefill, else max_model_len
+    enable_chunked_prefill: bool = True
+    max_model_len: int | None = None  # the model's context, capped at 8192
+    seed: int = 0

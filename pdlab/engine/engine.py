@@ -1,0 +1,189 @@
+"""The engine loop: add requests, then step (schedule -> execute -> update) until done."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import torch
+
+from pdlab.engine.config import EngineConfig
+from pdlab.engine.kv_cache import KVCache
+from pdlab.engine.model_runner import ModelRunner
+from pdlab.engine.outputs import RequestOutput
+from pdlab.errors import ConfigError, InvalidRequestError
+from pdlab.models.load import load_model, resolve_device, resolve_dtype
+from pdlab.models.source import resolve_model
+from pdlab.policy.block_manager import BlockManager
+from pdlab.policy.request import Request
+from pdlab.policy.scheduler import Scheduler, SchedulerConfig
+from pdlab.sampling_params import SamplingParams
+
+CPU_KV_CACHE_BYTES = 512 << 20
+MAX_DEFAULT_MODEL_LEN = 8192
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        """Load the model and size the KV cache (this reads weight files and allocates memory)."""
+        self.config = config
+        self.clock = clock
+        self.source = resolve_model(config.model)
+        model_config = self.source.config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.tokenizer = self.source.load_tokenizer()
+        self.model = load_model(self.source, self.dtype, self.device, seed=config.seed)
+        self.model_config = model_config
+
+        max_model_len = config.max_model_len or min(model_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+        num_blocks = self._num_blocks(max_model_len)
+        try:
+            self.scheduler_config = SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens
+                or (2048 if config.enable_chunked_prefill else max_model_len),
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                max_model_len=max_model_len,
+            )
+        except ValueError as e:
+            raise ConfigError(f"engine config: {e}") from None
+        self.kv_cache = KVCache(model_config, num_blocks, config.block_size, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache)
+        self._seeds = random.Random(config.seed)
+        self._next_id = 0
+        self._logprobs: dict[str, list[dict[int, float]]] = {}
+
+    def _num_blocks(self, max_model_len: int) -> int:
+        c = self.config
+        if c.block_size <= 0:
+            raise ConfigError(f"block_size must be > 0, got {c.block_size}")
+        if c.num_blocks is not None:
+            num_blocks = c.num_blocks
+        else:
+            budget = c.kv_cache_memory_bytes
+            if budget is None:
+                budget = self._cuda_kv_budget() if self.device.type == "cuda" else CPU_KV_CACHE_BYTES
+            num_blocks = KVCache.num_blocks_for_budget(self.model_config, c.block_size, self.dtype, budget)
+        if num_blocks * c.block_size < max_model_len:
+            raise ConfigError(
+                f"the KV cache ({num_blocks} blocks of {c.block_size} tokens) cannot hold one sequence of "
+                f"max_model_len={max_model_len} tokens: give it more memory or lower max_model_len"
+            )
+        return num_blocks
+
+    def _cuda_kv_budget(self) -> int:
+        # What the card may use, less what is taken now (weights) and a reserve for activations.
+        free, total = torch.cuda.mem_get_info(self.device)
+        activations = 2 << 30
+        return max(0, int(total * self.config.gpu_memory_utilization) - (total - free) - activations)
+
+    # --- requests ------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation through the tokenizer's chat template, ready for the reply."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template writes the special tokens (BOS included) itself.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time_s: float | None = None,
+    ) -> Request:
+        """Validate and queue a request; raises InvalidRequestError naming the problem."""
+        params = params or SamplingParams()
+        token_ids = self.encode_prompt(prompt)
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        max_len = self.scheduler_config.max_model_len
+        if len(token_ids) >= max_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens; this model's context (max_model_len) is {max_len}, "
+                f"so prompts may have at most {max_len - 1}"
+            )
+        if request_id is None:
+            request_id = str(self._next_id)
+            self._next_id += 1
+        if request_id in self.scheduler.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            params=params,
+            arrival_time_s=self.clock() if arrival_time_s is None else arrival_time_s,
+            eos_token_ids=tuple(self.tokenizer.eos_token_ids),
+            seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
+        )
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.abort(request_id, self.clock())
+        return None if request is None else self._output(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the loop ------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, execute, update. Returns outputs of requests that advanced."""
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return []
+        out = self.runner.execute(batch)
+        for request_id, entry in out.logprobs.items():
+            self._logprobs.setdefault(request_id, []).append(entry)
+        touched = self.scheduler.update(batch, out.tokens, self.clock())
+        self._apply_stop_strings(touched)
+        return [self._output(r) for r in touched]
+
+    def _apply_stop_strings(self, requests: list[Request]) -> None:
+        for request in requests:
+            if request.params.stop and not request.is_finished:
+                text = self.tokenizer.decode(request.output_token_ids)
+                if any(s in text for s in request.params.stop):
+                    self.scheduler.finish(request.request_id, "stop", request.token_times_s[-1])
+
+    def _output(self, request: Request) -> RequestOutput:
+        text = self._text(request) if request.is_finished else ""
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=list(request.output_token_ids),
+            text=text,
+            finished=request.is_finished,
+            finish_reason=request.finish_reason,
+            arrival_time_s=request.arrival_time_s,
+            first_token_time_s=request.first_token_time_s,
+            token_times_s=list(request.token_times_s),
+            finish_time_s=request.finish_time_s,
+            num_preemptions=request.num_preemptions,
+            logprobs=self._logprobs.pop(request.request_id, None) if request.is_finished else self._logprobs.get(request.request_id),
+        )
+
+    def _text(self, request: Request) -> str:
+        """Decoded output, cut before the first stop string (or after it, if asked)."""
+        ids = request.output_token_ids
+        if request.finish_reason == "stop" and ids and (ids[-1] in request.eos_token_ids or ids[-1] in request.params.stop_token_ids):
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids)
+        cuts = [(text.find(s), s) for s in request.params.stop if s in text]
+        if cuts:
+            index, stop = min(cuts)
+            text = text[: index + len(stop)] if request.params.include_stop_str_in_output else text[:index]
+        return text

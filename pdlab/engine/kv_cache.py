@@ -1,0 +1,40 @@
+"""The paged KV cache tensors.
+
+Layout: one allocation `kv` of shape [num_layers, 2, num_blocks, block_size,
+num_kv_heads, head_dim]; `kv[l, 0]` holds layer l's keys and `kv[l, 1]` its
+values. Token position p of a request lives in block `block_ids[p //
+block_size]` at offset `p % block_size`; its flat slot is `block * block_size
++ offset`. One allocation means one handle to export for KV transfer, and a
+request's blocks of one layer are `kv[l, :, block_ids]`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdlab.models.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv = torch.zeros(
+            config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype=dtype, device=device
+        )  # [L, 2, num_blocks, block_size, H_kv, D]
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of one layer, each [num_blocks, block_size, H_kv, D]."""
+        return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+
+    @property
+    def num_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return config.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()) * block_size
+
+    @classmethod
+    def num_blocks_for_budget(cls, config: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
+        return budget_bytes // cls.bytes_per_block(config, block_size, dtype)

@@ -1,0 +1,111 @@
+"""Execute a scheduled batch: build the flat input tensors, run the model, sample.
+
+The runner owns no policy: it is handed a `ScheduledBatch` whose requests
+already hold the blocks their new tokens go to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pdlab.engine.attention import AttentionContext, SeqSlice
+from pdlab.engine.kv_cache import KVCache
+from pdlab.engine.sampler import sample
+from pdlab.models.transformer import Transformer
+from pdlab.policy.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, kv_cache: KVCache) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.device = model.device
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, list[int]]:
+        """Flatten the batch: (input_ids [T], positions [T], context, rows of T to sample from)."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seqs: list[SeqSlice] = []
+        sample_rows: list[int] = []
+        for item in batch.items:
+            request = item.request
+            end = item.start + item.num_tokens
+            prompt_len = request.num_prompt_tokens
+            if end <= prompt_len:
+                tokens = request.prompt_token_ids[item.start:end]
+            else:
+                tokens = request.all_token_ids[item.start:end]
+            seqs.append(SeqSlice(len(input_ids), item.num_tokens, end, request.block_ids[: -(-end // bs)]))
+            input_ids.extend(tokens)
+            for p in range(item.start, end):
+                positions.append(p)
+                slots.append(request.block_ids[p // bs] * bs + p % bs)
+            if item.sample:
+                sample_rows.append(len(input_ids) - 1)
+
+        decodes = [s for s in seqs if s.q_len == 1]
+        max_blocks = max((len(s.block_ids) for s in decodes), default=0)
+        table = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in decodes]
+        dev = self.device
+        ctx = AttentionContext(
+            kv_cache=self.kv_cache,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            seqs=seqs,
+            decode_rows=torch.tensor([s.q_start for s in decodes], dtype=torch.int64, device=dev),
+            decode_block_table=torch.tensor(table, dtype=torch.int64, device=dev).view(len(decodes), max_blocks),
+            decode_seq_lens=torch.tensor([s.seq_len for s in decodes], dtype=torch.int64, device=dev),
+            prefill_seqs=[s for s in seqs if s.q_len > 1],
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return ids, pos, ctx, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        """Run one step; return the new token of every item with `sample=True`, by request id."""
+        out = StepOutput()
+        if not batch.items:
+            return out
+        ids, pos, ctx, sample_rows = self.prepare(batch)
+        hidden = self.model(ids, pos, ctx)  # [T, hidden]
+        to_sample = [item for item in batch.items if item.sample]
+        if not to_sample:
+            return out
+        logits = self.model.compute_logits(hidden[sample_rows])  # [N, vocab]
+        params = [item.request.params for item in to_sample]
+        tokens = sample(
+            logits,
+            params,
+            [item.request.seed for item in to_sample],
+            [item.request.num_output_tokens for item in to_sample],
+        )
+        out.tokens = {item.request.request_id: token for item, token in zip(to_sample, tokens)}
+        want = [r for r, p in enumerate(params) if p.logprobs is not None]
+        if want:
+            out.logprobs = top_logprobs(logits[want], [params[r].logprobs for r in want],
+                                        [tokens[r] for r in want], [to_sample[r].request.request_id for r in want])
+        return out
+
+
+@dataclass
+class StepOutput:
+    tokens: dict[str, int] = field(default_factory=dict)  # request id -> sampled token
+    # request id -> {token id: log-probability}: the top-k and the sampled token, when asked.
+    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+def top_logprobs(logits: torch.Tensor, ks: list[int], tokens: list[int], ids: list[str]) -> dict[str, dict[int, float]]:
+    """Log-probabilities of the raw model distribution (before temperature and filters)."""
+    logp = torch.log_softmax(logits, dim=-1)  # [R, vocab]
+    top = logp.topk(max(max(ks), 1), dim=-1)
+    result = {}
+    for r, (k, token, rid) in enumerate(zip(ks, tokens, ids)):
+        entry = {int(t): float(v) for t, v in zip(top.indices[r, :k].tolist(), top.values[r, :k].tolist())}
+        entry[token] = float(logp[r, token])
+        result[rid] = entry
+    return result

@@ -1,0 +1,353 @@
+"""The experiment file: one YAML document, nested by concern, read by `load_experiment`.
+
+    name: quickstart
+    seed: 0
+    model: {name: smollm2, dtype: auto, device: auto}
+    engine: {block_size: 16, max_num_seqs: 16, enable_chunked_prefill: true}
+    workload:
+      num_requests: 32
+      arrival: {kind: poisson, rate_rps: 4}
+      prompt_len: {kind: lognormal, median_tokens: 64, sigma: 0.6, max_tokens: 256}
+      output_len: {kind: uniform, min_tokens: 16, max_tokens: 48}
+    sampling: {temperature: 0}
+    runs: [{name: colocated, mode: colocated}]
+    slo: {ttft_ms: 1000, tpot_ms: 200}
+
+Every mistake (a YAML syntax error, an unknown key, a wrong type or value, a
+missing file) raises one `ConfigError` whose message names the file, the line
+and the field, e.g. `experiments/x.yaml:7: workload.arrival.rate_rps: Input
+should be greater than 0`. Relative paths inside the file (`workload.trace`)
+are relative to the working directory, like every path on the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from pdlab.errors import ConfigError
+from pdlab.sampling_params import SamplingParams
+from pdlab.workload import arrivals, lengths, traces
+from pdlab.workload.workload import WorkloadSpec
+from pdlab.yaml_config import UniqueKeyLoader, apply_overrides, describe_error, line_of
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]  # used in result paths
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    name: str = "smollm2"  # a preset, a Hugging Face model directory or a GGUF file
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EngineSection(_Section):
+    """The engine's knobs; names and meanings as in `pdlab.engine.config.EngineConfig`."""
+
+    block_size: PositiveInt = 16
+    num_blocks: PositiveInt | None = None
+    kv_cache_memory_bytes: PositiveInt | None = None
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_num_seqs: PositiveInt = 64
+    max_num_batched_tokens: PositiveInt | None = None
+    enable_chunked_prefill: bool = True
+    max_model_len: PositiveInt | None = None
+
+
+# Arrival processes, tagged by `kind`.
+
+
+class PoissonArrival(_Section):
+    kind: Literal["poisson"]
+    rate_rps: PositiveFloat
+
+    def build(self, trace: pd.DataFrame | None) -> arrivals.ArrivalProcess:
+        return arrivals.PoissonArrivals(self.rate_rps)
+
+
+class GammaArrival(_Section):
+    kind: Literal["gamma"]
+    rate_rps: PositiveFloat
+    cv: PositiveFloat = 1.0  # coefficient of variation of the gaps; > 1 is burstier than Poisson
+
+    def build(self, trace: pd.DataFrame | None) -> arrivals.ArrivalProcess:
+        return arrivals.GammaArrivals(self.rate_rps, self.cv)
+
+
+class ConstantArrival(_Section):
+    kind: Literal["constant"]
+    rate_rps: PositiveFloat
+
+    def build(self, trace: pd.DataFrame | None) -> arrivals.ArrivalProcess:
+        return arrivals.ConstantArrivals(self.rate_rps)
+
+
+class BurstArrival(_Section):
+    kind: Literal["burst"]  # every request at time 0
+
+    def build(self, trace: pd.DataFrame | None) -> arrivals.ArrivalProcess:
+        return arrivals.BurstArrivals()
+
+
+class TraceArrival(_Section):
+    kind: Literal["trace"]  # the first num_requests arrivals of workload.trace, in order
+    rate_rps: PositiveFloat | None = None  # rescale the window to this mean rate; None keeps the trace's times
+
+    def build(self, trace: pd.DataFrame | None) -> arrivals.ArrivalProcess:
+        return traces.trace_arrivals(trace, self.rate_rps)
+
+
+Arrival = Annotated[
+    PoissonArrival | GammaArrival | ConstantArrival | BurstArrival | TraceArrival, Field(discriminator="kind")
+]
+
+
+# Length distributions, tagged by `kind`.
+
+
+class _Bounded(_Section):
+    min_tokens: PositiveInt = 1
+    max_tokens: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _check_bounds(self):
+        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be >= min_tokens ({self.min_tokens})")
+        return self
+
+    @property
+    def max_value(self) -> int | None:
+        return self.max_tokens
+
+
+class FixedLen(_Section):
+    kind: Literal["fixed"]
+    tokens: PositiveInt
+
+    def build(self, trace: pd.DataFrame | None, column: str) -> lengths.LengthDistribution:
+        return lengths.FixedLength(self.tokens)
+
+    @property
+    def max_value(self) -> int:
+        return self.tokens
+
+
+class UniformLen(_Bounded):
+    kind: Literal["uniform"]
+    min_tokens: PositiveInt
+    max_tokens: PositiveInt
+
+    def build(self, trace: pd.DataFrame | None, column: str) -> lengths.LengthDistribution:
+        return lengths.UniformLength(self.min_tokens, self.max_tokens)
+
+
+class LognormalLen(_Bounded):
+    """Give the center as `median_tokens` or `mean_tokens`, the spread as `sigma` or `p90_tokens`."""
+
+    kind: Literal["lognormal"]
+    median_tokens: PositiveFloat | None = None
+    mean_tokens: PositiveFloat | None = None
+    sigma: NonNegativeFloat | None = None
+    p90_tokens: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _check_parameters(self):
+        if (self.median_tokens is None) == (self.mean_tokens is None):
+            raise ValueError("give exactly one of median_tokens and mean_tokens")
+        if (self.sigma is None) == (self.p90_tokens is None):
+            raise ValueError("give exactly one of sigma and p90_tokens")
+        if self.p90_tokens is not None and (self.median_tokens is None or self.p90_tokens < self.median_tokens):
+            raise ValueError("p90_tokens needs median_tokens, and must be >= it")
+        return self
+
+    def build(self, trace: pd.DataFrame | None, column: str) -> lengths.LengthDistribution:
+        bounds = (self.min_tokens, self.max_tokens)
+        if self.p90_tokens is not None:
+            return lengths.LognormalLength.from_p90(self.median_tokens, self.p90_tokens, *bounds)
+        if self.mean_tokens is not None:
+            return lengths.LognormalLength.from_mean(self.mean_tokens, self.sigma, *bounds)
+        return lengths.LognormalLength(self.median_tokens, self.sigma, *bounds)
+
+
+class TraceLen(_Bounded):
+    kind: Literal["trace"]  # this column of workload.trace
+    replay: bool = False  # True: the first num_requests rows in order; False: drawn with replacement
+
+    def build(self, trace: pd.DataFrame | None, column: str) -> lengths.LengthDistribution:
+        return traces.trace_lengths(trace, column, self.replay, self.min_tokens, self.max_tokens)
+
+
+Length = Annotated[FixedLen | UniformLen | LognormalLen | TraceLen, Field(discriminator="kind")]
+
+
+class WorkloadSection(_Section):
+    num_requests: PositiveInt
+    arrival: Arrival
+    prompt_len: Length
+    output_len: Length
+    trace: Path | None = None  # a trace CSV (see pdlab.workload.traces), for kind: trace
+    # Real user messages (sent through the chat template) for the first requests.
+    text_prompts: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_trace(self):
+        users = [name for name in ("arrival", "prompt_len", "output_len") if getattr(self, name).kind == "trace"]
+        if users and self.trace is None:
+            raise ValueError(f"{users[0]} has kind 'trace' but no trace file is given (set workload.trace)")
+        return self
+
+    @property
+    def max_request_tokens(self) -> int | None:
+        """The most prompt + output tokens a synthetic request can need, when the config bounds it."""
+        if self.prompt_len.max_value is None or self.output_len.max_value is None:
+            return None
+        return self.prompt_len.max_value + self.output_len.max_value
+
+    def to_spec(self) -> WorkloadSpec:
+        """The runtime workload; reads the trace file when a distribution uses it."""
+        trace = traces.load_trace(self.trace) if self.trace is not None else None
+        return WorkloadSpec(
+            num_requests=self.num_requests,
+            arrivals=self.arrival.build(trace),
+            prompt_len=self.prompt_len.build(trace, "num_prompt_tokens"),
+            output_len=self.output_len.build(trace, "num_output_tokens"),
+            text_prompts=self.text_prompts,
+        )
+
+
+class SamplingSection(_Section):
+    temperature: NonNegativeFloat = 1.0  # 0 is greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: NonNegativeInt = 0  # 0 disables it
+    ignore_eos: bool = False
+
+    def to_params(self, max_tokens: int, seed: int | None = None) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, seed=seed, **self.model_dump())
+
+
+class RunSection(_Section):
+    name: Name
+    mode: Literal["colocated"] = "colocated"
+
+
+class SloSection(_Section):
+    ttft_ms: PositiveFloat | None = None
+    tpot_ms: PositiveFloat | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.ttft_ms is None else self.ttft_ms / 1e3
+
+    @property
+    def tpot_s(self) -> float | None:
+        return None if self.tpot_ms is None else self.tpot_ms / 1e3
+
+
+class Experiment(_Section):
+    name: Name
+    seed: NonNegativeInt = 0
+    model: ModelSection = ModelSection()
+    engine: EngineSection = EngineSection()
+    workload: WorkloadSection
+    sampling: SamplingSection = SamplingSection()
+    runs: tuple[RunSection, ...] = Field((RunSection(name="colocated"),), min_length=1)
+    slo: SloSection = SloSection()
+    output_dir: Path = Path("results")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        # `model: smollm2` is short for `model: {name: smollm2}`.
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("workload")
+    @classmethod
+    def _fits_model_len(cls, workload: WorkloadSection, info: ValidationInfo) -> WorkloadSection:
+        engine = info.data.get("engine")
+        need, limit = workload.max_request_tokens, engine.max_model_len if engine else None
+        if need is not None and limit is not None and need > limit:
+            raise ValueError(
+                f"requests can need up to {need} prompt + output tokens, more than engine.max_model_len ({limit})"
+            )
+        return workload
+
+    @field_validator("runs")
+    @classmethod
+    def _unique_run_names(cls, runs: tuple[RunSection, ...]) -> tuple[RunSection, ...]:
+        names = [run.name for run in runs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"run names must be unique, got {names}")
+        return runs
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `pdlab.engine.config.EngineConfig` for this experiment."""
+        return {
+            "model": self.model.name,
+            "dtype": self.model.dtype,
+            "device": self.model.device,
+            "seed": self.seed,
+            **self.engine.model_dump(),
+        }
+
+
+def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
+    """Read and validate an experiment YAML file; any mistake raises one ConfigError.
+
+    `overrides` are `dotted.key=value` strings applied before validation, e.g.
+    `workload.num_requests=8` (the command line's `--set`).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such experiment file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the experiment file: {e}") from None
+    try:
+        data = yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: malformed YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    if overrides and isinstance(data, dict):
+        apply_overrides(data, list(overrides))
+    experiment = parse_experiment(data, str(path), text)
+    trace = experiment.workload.trace
+    if trace is not None and not trace.is_file():
+        line = line_of(text, ["workload", "trace"])
+        raise ConfigError(f"{path}{f':{line}' if line else ''}: workload.trace: no such file: {trace}")
+    return experiment
+
+
+def parse_experiment(data: Any, source: str = "<experiment>", text: str | None = None) -> Experiment:
+    """Validate already-parsed settings; `text`, the YAML they came from, adds line numbers to errors."""
+    if not isinstance(data, dict):
+        got = "an empty document" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"{source}: expected a mapping of settings (name, workload, ...) at the top level, got {got}")
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("\n".join(describe_error(err, Experiment, source, text) for err in e.errors())) from None

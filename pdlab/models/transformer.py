@@ -1,0 +1,216 @@
+"""One decoder-only dense transformer for the Llama 2/3, Qwen2/2.5/3, Mistral and SmolLM2 families.
+
+Weights live in merged matrices (q, k and v in one `qkv_proj`, gate and up in
+one `gate_up_proj`) so that a decode step reads each layer in few, large
+matmuls; `load_weights` takes Hugging Face names and fills the right slice.
+Attention over the paged KV cache is delegated to `ctx.attention` (see
+pdlab/engine/attention.py), so a faster kernel slots in without touching this
+file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdlab.models.config import ModelConfig, RopeScaling
+
+if TYPE_CHECKING:
+    from pdlab.engine.attention import AttentionContext
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 and cast back before scaling, as the reference implementations do.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if config.rope_scaling is not None:
+        inv_freq = _llama3_scale(inv_freq, config.rope_scaling)
+    return inv_freq.float()
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(middle, blended, out)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; cos, sin: [T, D/2]. Rotates the two halves of each head (HF layout)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.layer_idx = layer_idx
+        e = dict(dtype=dtype, device=device)
+        self.input_layernorm = nn.Parameter(torch.ones(c.hidden_size, **e))
+        self.qkv_proj = nn.Parameter(torch.empty(c.q_size + 2 * c.kv_size, c.hidden_size, **e))
+        self.qkv_bias = nn.Parameter(torch.zeros(c.q_size + 2 * c.kv_size, **e)) if c.attention_bias else None
+        self.q_norm = nn.Parameter(torch.ones(c.head_dim, **e)) if c.qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(c.head_dim, **e)) if c.qk_norm else None
+        self.o_proj = nn.Parameter(torch.empty(c.hidden_size, c.q_size, **e))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(c.hidden_size, **e))
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * c.intermediate_size, c.hidden_size, **e))
+        self.down_proj = nn.Parameter(torch.empty(c.hidden_size, c.intermediate_size, **e))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        c = self.config
+        T = x.shape[0]
+        h = rms_norm(x, self.input_layernorm, c.rms_norm_eps)  # [T, hidden]
+        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)  # [T, q_size + 2 * kv_size]
+        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.view(T, c.num_heads, c.head_dim)
+        k = k.view(T, c.num_kv_heads, c.head_dim)
+        v = v.view(T, c.num_kv_heads, c.head_dim)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, c.rms_norm_eps)
+            k = rms_norm(k, self.k_norm, c.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = ctx.attention(self.layer_idx, q, k, v)  # [T, num_heads, head_dim]
+        x = x + F.linear(attn.reshape(T, c.q_size), self.o_proj)
+        h = rms_norm(x, self.post_attention_layernorm, c.rms_norm_eps)
+        gate, up = F.linear(h, self.gate_up_proj).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.down_proj)
+
+
+# Hugging Face name suffix -> (our parameter, shard index into the merged matrix or None).
+_LAYER_NAMES = {
+    "input_layernorm.weight": ("input_layernorm", None),
+    "self_attn.q_proj.weight": ("qkv_proj", 0),
+    "self_attn.k_proj.weight": ("qkv_proj", 1),
+    "self_attn.v_proj.weight": ("qkv_proj", 2),
+    "self_attn.q_proj.bias": ("qkv_bias", 0),
+    "self_attn.k_proj.bias": ("qkv_bias", 1),
+    "self_attn.v_proj.bias": ("qkv_bias", 2),
+    "self_attn.q_norm.weight": ("q_norm", None),
+    "self_attn.k_norm.weight": ("k_norm", None),
+    "self_attn.o_proj.weight": ("o_proj", None),
+    "post_attention_layernorm.weight": ("post_attention_layernorm", None),
+    "mlp.gate_proj.weight": ("gate_up_proj", 0),
+    "mlp.up_proj.weight": ("gate_up_proj", 1),
+    "mlp.down_proj.weight": ("down_proj", None),
+}
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        device = torch.device(device)
+        self.config = config
+        self.dtype = dtype
+        e = dict(dtype=dtype, device=device)
+        self.embed_tokens = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, **e))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device) for i in range(config.num_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size, **e))
+        self.lm_head = None if config.tie_word_embeddings else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, **e))
+        inv_freq = rope_inv_freq(config).to(device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """input_ids, positions: [T] (all scheduled tokens, flattened). Returns hidden states [T, hidden]."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, head_dim / 2]
+        cos, sin = freqs.cos(), freqs.sin()
+        x = F.embedding(input_ids, self.embed_tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> float32 logits [N, vocab]."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()
+
+    # --- weights -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the merged parameters.
+
+        Raises ValueError naming the tensor when a name is unknown, a shape is
+        wrong, or a parameter was never filled.
+        """
+        filled: set[str] = set()
+        for name, tensor in weights:
+            param, attr, shard = self._target(name)
+            if param is None:
+                continue
+            dest = param if shard is None else self._shard(param, attr, shard)
+            if dest.shape != tensor.shape:
+                raise ValueError(f"weight {name}: shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            filled.add(f"{id(param)}:{shard}")
+        missing = [n for n, p in self.named_parameters() for s in self._shards_of(n, p) if f"{id(p)}:{s}" not in filled]
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+    def _target(self, name: str) -> tuple[nn.Parameter | None, str | None, int | None]:
+        if name == "model.embed_tokens.weight":
+            return self.embed_tokens, "embed_tokens", None
+        if name == "model.norm.weight":
+            return self.norm, "norm", None
+        if name == "lm_head.weight":
+            # Some tied checkpoints still carry lm_head; the embedding table is the head then.
+            return self.lm_head, "lm_head", None
+        if name.startswith("model.layers."):
+            index, suffix = name[len("model.layers."):].split(".", 1)
+            if suffix in _LAYER_NAMES:
+                attr, shard = _LAYER_NAMES[suffix]
+                param = getattr(self.layers[int(index)], attr)
+                if param is None:
+                    raise ValueError(f"weight {name} does not fit this architecture ({self.config.name})")
+                return param, attr, shard
+            if "rotary_emb" in suffix:
+                return None, None, None
+        raise ValueError(f"unexpected weight {name!r} in checkpoint")
+
+    def _shard(self, param: torch.Tensor, attr: str, shard: int) -> torch.Tensor:
+        c = self.config
+        sizes = [c.intermediate_size] * 2 if attr == "gate_up_proj" else [c.q_size, c.kv_size, c.kv_size]
+        offset = sum(sizes[:shard])
+        return param[offset: offset + sizes[shard]]
+
+    def _shards_of(self, name: str, param: torch.Tensor) -> list[int | None]:
+        if name.endswith(("qkv_proj", "qkv_bias")):
+            return [0, 1, 2]
+        if name.endswith("gate_up_proj"):
+            return [0, 1]
+        return [None]
+
+    @torch.no_grad()
+    def init_random(self, seed: int, std: float = 0.02) -> None:
+        """Random weights for presets: normal(0, std) matrices, unit norms, zero biases."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        for name, param in self.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, std, generator=generator)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.fill_(1.0)

@@ -1,0 +1,80 @@
+"""`python -m pdlab.run`: the main job end to end, and its answers to bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pdlab.metrics.records import read_records_csv
+from pdlab.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pdlab.run", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_writes_results(tmp_path, capsys):
+    code = main([str(QUICKSTART), "--output-dir", str(tmp_path), "--set", "workload.num_requests=6",
+                 "--set", "workload.arrival.rate_rps=20", "--no-progress"])
+    assert code == 0
+    out_dir = tmp_path / "quickstart"
+    records = read_records_csv(out_dir / "records.csv")
+    assert len(records) == 6 and all(r.ok for r in records)
+    assert all(r.first_token_s >= r.arrival_s and r.finish_s >= r.first_token_s for r in records)
+    for name in ("summary.csv", "cdf.png", "cdf.svg", "timeline.png", "provenance.json", "texts.json"):
+        assert (out_dir / name).stat().st_size > 0, name
+    texts = json.loads((out_dir / "texts.json").read_text())["colocated"]
+    assert "Paris" in texts["req-0"]["answer"]
+    report = capsys.readouterr().out
+    assert "ttft_p50_ms" in report and "Paris" in report
+    provenance = json.loads((out_dir / "provenance.json").read_text())
+    assert provenance["experiment"]["workload"]["num_requests"] == 6 and provenance["versions"]["torch"]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = QUICKSTART.read_text()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (BASE.replace("block_size: 16", "blok_size: 16"), "engine.blok_size: unknown key (did you mean block_size?)"),
+        (BASE.replace("name: smollm2", "name: no-such-model"), "no preset, directory or file is called 'no-such-model'"),
+        (BASE + "\n  bad: [unclosed\n", "malformed YAML"),
+        (BASE.replace("rate_rps: 4.0", "rate_rps: -1"), "workload.arrival.rate_rps"),
+        (BASE.replace("temperature: 0.0", "temperature: -1"), "sampling.temperature"),
+        (BASE.replace("top_p: 1.0", "top_p: 0"), "sampling.top_p"),
+    ],
+)
+def test_bad_input_ends_with_one_clear_message(tmp_path, text, expected):
+    result = cli(str(write(tmp_path, text)), "--output-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    result = cli(str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "no such experiment file" in result.stderr
+    result = cli(str(QUICKSTART), "--set", "workload.num_requests=-3")
+    assert result.returncode == 2 and "workload.num_requests" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prompt_longer_than_the_context_is_refused(tmp_path):
+    text = BASE.replace("max_model_len: 2048", "max_model_len: 64")
+    result = cli(str(write(tmp_path, text)), "--output-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "max_model_len (64)" in result.stderr and "Traceback" not in result.stderr
