@@ -14,8 +14,10 @@ from pdlab.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"
+    WAITING = "waiting"  # queued for (re)computation here
     RUNNING = "running"
+    RESERVING = "reserving"  # decode side: waiting for blocks to receive a remote prefill's KV
+    TRANSFERRING = "transferring"  # decode side: blocks reserved, KV on its way
     FINISHED = "finished"
 
 
@@ -39,6 +41,9 @@ class Request:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    # When the request finishes, keep its blocks until `Scheduler.release`: a
+    # KV transfer may still read them (prefill side) or write them (decode side).
+    keep_blocks_after_finish: bool = False
 
     first_token_time_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)  # one per output token

@@ -15,6 +15,17 @@ Two modes, as in vLLM:
 When a running request needs a block and none is free, the most recently
 admitted running request is preempted: its blocks are freed and it goes back to
 the front of the waiting queue, to be recomputed from its prompt and outputs.
+
+Disaggregation adds two paths, both driven by the cluster layer:
+- decode side: `add_remote` queues a request whose prompt another instance
+  computes; `reserve` gives queued ones blocks for their prompt's KV (admission
+  control: they wait, in order, while blocks or sequence slots are short);
+  `complete_transfer` joins a request to the running batch with its prompt
+  already computed and its first token appended.
+- either side: a request with `keep_blocks_after_finish` keeps its blocks when
+  it finishes, until `release`, because another party may still be reading
+  them (a prefill instance's KV on its way out) or writing them (a decode
+  instance's reservation after an abort, while a late transfer may land).
 """
 
 from __future__ import annotations
@@ -92,7 +103,10 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.reserving: deque[Request] = deque()  # decode side, awaiting blocks for remote KV
+        self.transferring: dict[str, Request] = {}  # decode side, blocks reserved
+        self.held: dict[str, Request] = {}  # prefill side, finished but blocks still being read
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
 
     # --- queues -------------------------------------------------------------------
 
@@ -105,38 +119,106 @@ class Scheduler:
         return len(self.running)
 
     def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def has_work(self) -> bool:
+        """Whether `schedule` can return a non-empty batch."""
         return bool(self.waiting or self.running)
+
+    def live_requests(self) -> list[Request]:
+        """Every request that may hold blocks (for invariant checks)."""
+        return [*self.requests.values(), *self.held.values()]
 
     def add(self, request: Request) -> None:
         """Queue a new request. The caller has checked that its prompt fits the model."""
-        if request.request_id in self.requests:
+        self._register(request, RequestStatus.WAITING)
+        self.waiting.append(request)
+
+    def _register(self, request: Request, status: RequestStatus) -> None:
+        if request.request_id in self.requests or request.request_id in self.held:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         if not 0 < request.num_tokens < self.config.max_model_len:
             raise ValueError(
                 f"request {request.request_id}: {request.num_tokens} tokens; "
                 f"must be between 1 and max_model_len - 1 ({self.config.max_model_len - 1})"
             )
-        request.status = RequestStatus.WAITING
+        request.status = status
         self.requests[request.request_id] = request
-        self.waiting.append(request)
 
     def finish(self, request_id: str, reason: str, now_s: float) -> Request | None:
-        """End a request wherever it is, free its blocks; None if unknown or already finished."""
+        """End a request wherever it is and free its blocks (or hold them, see
+        `keep_blocks_after_finish`); None if unknown or already finished."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
-        else:
+        elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
-        self.block_manager.free(request)
+        elif request.status is RequestStatus.RESERVING:
+            self.reserving.remove(request)
+        else:
+            del self.transferring[request_id]
+        if request.keep_blocks_after_finish:
+            self.held[request_id] = request
+        else:
+            self.block_manager.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.finish_time_s = now_s
         return request
 
     def abort(self, request_id: str, now_s: float) -> Request | None:
+        if request_id in self.held:
+            return self.release(request_id)
         return self.finish(request_id, "abort", now_s)
+
+    # --- disaggregation -------------------------------------------------------------
+
+    def add_remote(self, request: Request) -> None:
+        """Decode side: queue a request whose prompt KV another instance will compute and send."""
+        self._register(request, RequestStatus.RESERVING)
+        self.reserving.append(request)
+
+    def reserve(self) -> list[Request]:
+        """Decode side: give queued remote requests blocks for their prompt, in arrival order.
+
+        Returns the requests that got them (now TRANSFERRING): the caller sends
+        their prefill tasks with these block ids. The head of the queue waits
+        while blocks or sequence slots are short; nothing is dropped.
+        """
+        reserved = []
+        while self.reserving and len(self.running) + len(self.transferring) < self.config.max_num_seqs:
+            request = self.reserving[0]
+            if not self.block_manager.can_allocate(request, request.num_prompt_tokens):
+                break
+            self.block_manager.allocate(request, request.num_prompt_tokens)
+            self.reserving.popleft()
+            request.status = RequestStatus.TRANSFERRING
+            self.transferring[request.request_id] = request
+            reserved.append(request)
+        return reserved
+
+    def complete_transfer(self, request_id: str, first_token_id: int, now_s: float) -> Request | None:
+        """Decode side: the prompt's KV has landed; join the running batch with the first token.
+
+        Returns None for a request that is no longer transferring (aborted, timed out).
+        """
+        request = self.transferring.pop(request_id, None)
+        if request is None:
+            return None
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self.append_token(request, first_token_id, now_s)
+        return request
+
+    def release(self, request_id: str) -> Request | None:
+        """Free the blocks of a finished request held by `keep_blocks_after_finish`."""
+        request = self.held.pop(request_id, None)
+        if request is not None:
+            self.block_manager.free(request)
+        return request
 
     # --- schedule -----------------------------------------------------------------
 

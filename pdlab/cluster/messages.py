@@ -1,0 +1,144 @@
+"""Control-plane messages: small typed structs, msgpack on the wire (never pickle).
+
+Grouped by the port that receives them:
+- an instance's engine-worker-queue port: `GenerateRequest`, `AbortRequest`
+  (from clients), `PrefillTask`, `AbortPrefill` (from a decode instance);
+- an instance's cache-queue port: `KVLayer` (tcp transport data, followed by
+  the raw bytes as a second frame), `PrefillDone`, `PrefillFailed` (from a
+  prefill instance), `KVAck` (from a decode instance);
+- a client: `RequestUpdate`.
+`encode`/`decode` handle every type; decoding validates types and rejects
+anything else with `MessageError`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class MessageError(ValueError):
+    """Bytes that are not a valid control-plane message."""
+
+
+class SamplingMsg(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+
+
+class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where and how a decode instance receives KV: enough for a prefill instance to push to it."""
+
+    instance_id: str
+    protocol: str  # "tcp", "ipc"
+    cache_endpoint: str  # zmq address of the decode instance's cache-queue port
+    # The decode cache's layout; the prefill side checks it matches its own.
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    # ipc: a CUDA IPC handle (64 bytes) and the decode's GPU, or a shared-memory name on CPU.
+    ipc_handle: bytes = b""
+    shm_name: str = ""
+    host: str = ""
+
+
+# --- engine-worker-queue port --------------------------------------------------------
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingMsg
+
+
+class AbortRequest(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    request_id: str
+
+
+class PrefillTask(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Compute this prompt, push its KV into `dst_block_ids` of `kv`, then report the first token."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingMsg
+    seed: int
+    dst_block_ids: list[int]
+    kv: KVDescriptor
+
+
+class AbortPrefill(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    request_id: str
+
+
+# --- cache-queue port ------------------------------------------------------------------
+
+
+class KVLayer(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Header of one layer's blocks (tcp); the next frame holds [2, n, block_size, heads, head_dim] raw."""
+
+    request_id: str
+    layer: int
+    dst_block_ids: list[int]
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class PrefillDone(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Every layer of the prompt's KV has been written to the decode side; here is the first token."""
+
+    request_id: str
+    first_token_id: int
+    logprobs: dict[int, float] | None = None
+    prefill_instance_id: str = ""
+
+
+class PrefillFailed(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    request_id: str
+    error: str
+
+
+class KVAck(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """The decode side took the KV (or gave up on it): the prefill side may free its blocks."""
+
+    request_id: str
+
+
+# --- client ------------------------------------------------------------------------------
+
+
+class RequestUpdate(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    text: str | None = None  # the whole output's text, on the final update
+    logprobs: list[dict[int, float]] | None = None  # one entry per new token, when asked
+
+
+Message = GenerateRequest | AbortRequest | PrefillTask | AbortPrefill | KVLayer | PrefillDone | PrefillFailed | KVAck | RequestUpdate
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes) -> Message:
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise MessageError(f"malformed control message ({len(data)} bytes): {e}") from None
