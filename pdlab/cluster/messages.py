@@ -1,12 +1,13 @@
 """Control-plane messages: small typed structs, msgpack on the wire (never pickle).
 
 Grouped by the port that receives them:
-- an instance's engine-worker-queue port: `GenerateRequest`, `AbortRequest`
-  (from clients), `PrefillTask`, `AbortPrefill` (from a decode instance);
-- an instance's cache-queue port: `KVLayer` (tcp transport data, followed by
-  the raw bytes as a second frame), `PrefillDone`, `PrefillFailed` (from a
-  prefill instance), `KVAck` (from a decode instance);
-- a client: `RequestUpdate`.
+- an instance's engine-worker-queue port: `GenerateRequest`, `AbortRequest`,
+  `Ping` (from clients), `PrefillTask`, `AbortPrefill`, `KVAck` (from a decode
+  instance);
+- a decode instance's cache-queue port: `KVLayer` (tcp transport data,
+  followed by the raw bytes as a second frame), `PrefillDone`, `PrefillFailed`
+  (from a prefill instance);
+- a client: `RequestUpdate`, `Pong`.
 `encode`/`decode` handle every type; decoding validates types and rejects
 anything else with `MessageError`.
 """
@@ -65,6 +66,16 @@ class AbortRequest(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=
     request_id: str
 
 
+class Ping(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Ask an instance whether it is up, and for its load."""
+
+
+class KVAck(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """The decode side took the KV (or gave up on it): the prefill side may free its blocks."""
+
+    request_id: str
+
+
 class PrefillTask(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     """Compute this prompt, push its KV into `dst_block_ids` of `kv`, then report the first token."""
 
@@ -107,12 +118,6 @@ class PrefillFailed(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields
     error: str
 
 
-class KVAck(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    """The decode side took the KV (or gave up on it): the prefill side may free its blocks."""
-
-    request_id: str
-
-
 # --- client ------------------------------------------------------------------------------
 
 
@@ -127,7 +132,22 @@ class RequestUpdate(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields
     logprobs: list[dict[int, float]] | None = None  # one entry per new token, when asked
 
 
-Message = GenerateRequest | AbortRequest | PrefillTask | AbortPrefill | KVLayer | PrefillDone | PrefillFailed | KVAck | RequestUpdate
+class Pong(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    instance_id: str
+    role: str
+    model: str
+    num_blocks: int
+    num_free_blocks: int
+    num_running: int
+    num_waiting: int  # waiting here, or for KV blocks / transfers on a decode instance
+    num_held: int  # finished requests whose blocks a transfer still uses
+    incarnation: str = ""  # changes when the process restarts: tasks sent before are lost
+
+
+Message = (
+    GenerateRequest | AbortRequest | Ping | PrefillTask | AbortPrefill | KVAck
+    | KVLayer | PrefillDone | PrefillFailed | RequestUpdate | Pong
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -142,3 +162,16 @@ def decode(data: bytes) -> Message:
         return _decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise MessageError(f"malformed control message ({len(data)} bytes): {e}") from None
+
+
+def sampling_to_msg(params) -> SamplingMsg:
+    """`SamplingParams` -> its wire form (same field names)."""
+    return SamplingMsg(**{f: getattr(params, f) for f in SamplingMsg.__struct_fields__})
+
+
+def sampling_from_msg(msg: SamplingMsg, **changes):
+    """The wire form -> `SamplingParams`, validated (raises InvalidRequestError naming the field)."""
+    from pdlab.sampling_params import SamplingParams
+
+    fields = {f: getattr(msg, f) for f in SamplingMsg.__struct_fields__}
+    return SamplingParams(**{**fields, **changes})

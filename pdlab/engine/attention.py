@@ -9,6 +9,7 @@ same `attention` contract.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ class AttentionContext:
     decode_seq_lens: torch.Tensor  # [B_dec] int64
     # Requests with several queries (prefill chunks), attended one by one.
     prefill_seqs: list[SeqSlice]
+    # Runs after each layer's new K and V are stored (a KV transfer starts there).
+    on_kv_written: Callable[[int], None] | None = None
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, H_kv, D] for the step's new tokens. Returns [T, H, D]."""
@@ -45,6 +48,8 @@ class AttentionContext:
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slot_mapping, v)
+        if self.on_kv_written is not None:
+            self.on_kv_written(layer_idx)
         out = torch.empty_like(q)
         if self.decode_rows.numel():
             out[self.decode_rows] = self._decode(q[self.decode_rows], k_cache, v_cache)

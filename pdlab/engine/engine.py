@@ -10,7 +10,7 @@ import torch
 
 from pdlab.engine.config import EngineConfig
 from pdlab.engine.kv_cache import KVCache
-from pdlab.engine.model_runner import ModelRunner
+from pdlab.engine.model_runner import KVWrittenHook, ModelRunner
 from pdlab.engine.outputs import RequestOutput
 from pdlab.errors import ConfigError, InvalidRequestError
 from pdlab.models.load import load_model, resolve_device, resolve_dtype
@@ -25,8 +25,14 @@ MAX_DEFAULT_MODEL_LEN = 8192
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        """Load the model and size the KV cache (this reads weight files and allocates memory)."""
+    def __init__(
+        self, config: EngineConfig, clock: Callable[[], float] = time.monotonic, kv_cache_shm_path: str | None = None
+    ) -> None:
+        """Load the model and size the KV cache (this reads weight files and allocates memory).
+
+        `kv_cache_shm_path` puts a CPU KV cache in that shared-memory file (the
+        decode side of the `ipc` transport on a machine without GPUs).
+        """
         self.config = config
         self.clock = clock
         self.source = resolve_model(config.model)
@@ -49,7 +55,7 @@ class LLMEngine:
             )
         except ValueError as e:
             raise ConfigError(f"engine config: {e}") from None
-        self.kv_cache = KVCache(model_config, num_blocks, config.block_size, self.dtype, self.device)
+        self.kv_cache = KVCache(model_config, num_blocks, config.block_size, self.dtype, self.device, kv_cache_shm_path)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.runner = ModelRunner(self.model, self.kv_cache)
@@ -94,21 +100,22 @@ class LLMEngine:
         # The template writes the special tokens (BOS included) itself.
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def add_request(
+    def make_request(
         self,
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time_s: float | None = None,
+        seed: int | None = None,
     ) -> Request:
-        """Validate and queue a request; raises InvalidRequestError naming the problem."""
+        """Validate a request and build its policy object; raises InvalidRequestError naming the problem."""
         params = params or SamplingParams()
         token_ids = self.encode_prompt(prompt)
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
         max_len = self.scheduler_config.max_model_len
         if len(token_ids) >= max_len:
             raise InvalidRequestError(
@@ -118,48 +125,69 @@ class LLMEngine:
         if request_id is None:
             request_id = str(self._next_id)
             self._next_id += 1
-        if request_id in self.scheduler.requests:
+        if request_id in self.scheduler.requests or request_id in self.scheduler.held:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        request = Request(
+        if seed is None:
+            seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        return Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
             params=params,
             arrival_time_s=self.clock() if arrival_time_s is None else arrival_time_s,
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
-            seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
+            seed=seed,
         )
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time_s: float | None = None,
+    ) -> Request:
+        """Validate and queue a request; raises InvalidRequestError naming the problem."""
+        request = self.make_request(prompt, params, request_id, arrival_time_s)
         self.scheduler.add(request)
         return request
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.abort(request_id, self.clock())
-        return None if request is None else self._output(request)
+        return None if request is None else self.output(request)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # --- the loop ------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, execute, update. Returns outputs of requests that advanced."""
+    def step(self, on_kv_written: KVWrittenHook | None = None) -> list[RequestOutput]:
+        """One iteration: schedule, execute, update. Returns outputs of requests that advanced.
+
+        `on_kv_written(layer, batch)`, when given, runs inside the forward pass
+        right after each layer's new KV is in the cache (a prefill instance
+        starts that layer's transfer there).
+        """
         batch = self.scheduler.schedule()
         if not batch.items:
             return []
-        out = self.runner.execute(batch)
+        out = self.runner.execute(batch, on_kv_written)
         for request_id, entry in out.logprobs.items():
             self._logprobs.setdefault(request_id, []).append(entry)
         touched = self.scheduler.update(batch, out.tokens, self.clock())
-        self._apply_stop_strings(touched)
-        return [self._output(r) for r in touched]
+        self.apply_stop_strings(touched)
+        return [self.output(r) for r in touched]
 
-    def _apply_stop_strings(self, requests: list[Request]) -> None:
+    def record_logprobs(self, request_id: str, entry: dict[int, float]) -> None:
+        """Log-probabilities of a token sampled elsewhere (a prefill instance's first token)."""
+        self._logprobs.setdefault(request_id, []).append(entry)
+
+    def apply_stop_strings(self, requests: list[Request]) -> None:
         for request in requests:
             if request.params.stop and not request.is_finished:
                 text = self.tokenizer.decode(request.output_token_ids)
                 if any(s in text for s in request.params.stop):
                     self.scheduler.finish(request.request_id, "stop", request.token_times_s[-1])
 
-    def _output(self, request: Request) -> RequestOutput:
+    def output(self, request: Request) -> RequestOutput:
         text = self._text(request) if request.is_finished else ""
         return RequestOutput(
             request_id=request.request_id,

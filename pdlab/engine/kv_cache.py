@@ -16,12 +16,38 @@ from pdlab.models.config import ModelConfig
 
 
 class KVCache:
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        shm_path: str | None = None,
+    ) -> None:
+        """`shm_path` (CPU only): back the cache by that shared-memory file, so that another
+        process can map it (the `ipc` transport on a machine without GPUs)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.kv = torch.zeros(
-            config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype=dtype, device=device
-        )  # [L, 2, num_blocks, block_size, H_kv, D]
+        self.shm_path = shm_path
+        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        if shm_path is None:
+            self.kv = torch.zeros(shape, dtype=dtype, device=device)  # [L, 2, num_blocks, block_size, H_kv, D]
+        else:
+            if torch.device(device).type != "cpu":
+                raise ValueError("a shared-memory KV cache is for CPU instances; GPUs share theirs through CUDA IPC")
+            self.kv = torch.from_file(shm_path, shared=True, size=torch.Size(shape).numel(), dtype=dtype).view(shape)
+            self.kv.zero_()
+
+    def close(self) -> None:
+        """Remove the shared-memory file, if any (mappings stay valid until dropped)."""
+        if self.shm_path is not None:
+            import os
+
+            try:
+                os.unlink(self.shm_path)
+            except FileNotFoundError:
+                pass
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of one layer, each [num_blocks, block_size, H_kv, D]."""

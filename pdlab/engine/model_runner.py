@@ -6,6 +6,7 @@ already hold the blocks their new tokens go to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,9 @@ from pdlab.engine.kv_cache import KVCache
 from pdlab.engine.sampler import sample
 from pdlab.models.transformer import Transformer
 from pdlab.policy.scheduler import ScheduledBatch
+
+# Called as hook(layer_idx, batch) once the layer's new K and V are in the cache.
+KVWrittenHook = Callable[[int, ScheduledBatch], None]
 
 
 class ModelRunner:
@@ -66,12 +70,14 @@ class ModelRunner:
         return ids, pos, ctx, sample_rows
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
+    def execute(self, batch: ScheduledBatch, on_kv_written: KVWrittenHook | None = None) -> StepOutput:
         """Run one step; return the new token of every item with `sample=True`, by request id."""
         out = StepOutput()
         if not batch.items:
             return out
         ids, pos, ctx, sample_rows = self.prepare(batch)
+        if on_kv_written is not None:
+            ctx.on_kv_written = lambda layer: on_kv_written(layer, batch)
         hidden = self.model(ids, pos, ctx)  # [T, hidden]
         to_sample = [item for item in batch.items if item.sample]
         if not to_sample:

@@ -86,7 +86,7 @@ def test_stop_token_ids_and_stop_strings(roomy):
     [
         ([], SamplingParams(), "the prompt is empty"),
         ([5] * 300, SamplingParams(), "the prompt has 300 tokens; this model's context (max_model_len) is 256"),
-        ([5, 99999], SamplingParams(), "prompt token ids must be in [0, 512)"),
+        ([5, 99999], SamplingParams(), "prompt token ids must be integers in [0, 512)"),
     ],
 )
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(roomy, prompt, params, message):

@@ -1,0 +1,62 @@
+"""FastDeploy's instance flags (see ../shared/FASTDEPLOY.md), shared by every entry point that starts an instance."""
+
+from __future__ import annotations
+
+import argparse
+
+from pdlab.engine.config import EngineConfig
+from pdlab.transfer import PROTOCOLS
+
+ROLES = ("mixed", "prefill", "decode")
+
+
+def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser
+    p.add_argument("--model", default="smollm2", help="a preset, a Hugging Face model directory, a .gguf file, or smollm2")
+    p.add_argument("--splitwise-role", choices=ROLES, default="mixed", help="mixed (colocated), prefill or decode")
+    p.add_argument("--engine-worker-queue-port", type=int, required=True, help="this instance's task port")
+    p.add_argument("--cache-queue-port", type=int, required=True, help="this instance's KV transfer coordination port")
+    p.add_argument("--innode-prefill-ports", default="",
+                   help="decode only: the prefill instances' engine-worker-queue ports, comma-separated")
+    p.add_argument("--cache-transfer-protocol", default="ipc",
+                   help=f"KV transfer protocol(s), comma-separated, first usable wins: {', '.join(PROTOCOLS)}")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--quantization", default=None, help="weight-only quantization (wint8, wint4)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default loopback only)")
+    p.add_argument("--instance-id", default=None, help="a name for logs and metrics (default role:port)")
+    p.add_argument("--transfer-timeout-s", type=float, default=30.0,
+                   help="how long a decode instance waits for a prefill's KV, and a prefill for the decode's ack")
+    d = EngineConfig()
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--num-gpu-blocks", dest="num_blocks", type=int, default=None, help="KV cache blocks (else from memory)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=d.enable_chunked_prefill)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=d.seed)
+    return p
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size, num_blocks=args.num_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill, max_model_len=args.max_model_len, seed=args.seed,
+    )
+
+
+def parse_ports(text: str) -> list[int]:
+    return [int(p) for p in text.replace(" ", "").split(",") if p]
+
+
+def parse_protocols(text: str) -> list[str]:
+    protocols = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in protocols if p not in PROTOCOLS and p != "rdma"]
+    if unknown or not protocols:
+        raise ValueError(f"--cache-transfer-protocol {text!r}: choose from {', '.join(PROTOCOLS)}")
+    return protocols

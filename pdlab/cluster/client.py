@@ -1,0 +1,132 @@
+"""Talk to an instance's engine-worker-queue port: submit requests, receive their tokens.
+
+`RemoteEngine` gives a running instance (mixed, or a disaggregated pair's decode
+entry point) the engine interface that `pdlab.backends.replay` drives, with
+every timestamp taken here, at the client, so that colocated and disaggregated
+runs are measured at the same point.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+import zmq
+
+from pdlab.cluster.messages import (
+    AbortRequest, GenerateRequest, MessageError, Ping, Pong, RequestUpdate, decode, encode, sampling_to_msg,
+)
+from pdlab.engine.outputs import RequestOutput
+from pdlab.sampling_params import SamplingParams
+
+
+class Client:
+    def __init__(self, endpoint: str, context: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self._ctx = context or zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.sock.send(encode(GenerateRequest(request_id, list(prompt_token_ids), sampling_to_msg(params))))
+
+    def abort(self, request_id: str) -> None:
+        self.sock.send(encode(AbortRequest(request_id)))
+
+    def recv(self, timeout_s: float = 0.0) -> list[RequestUpdate]:
+        """Updates that arrived within `timeout_s` (all that are queued, once the first one is in)."""
+        updates = []
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return updates
+        while True:
+            try:
+                data = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return updates
+            try:
+                message = decode(data)
+            except MessageError:
+                continue
+            if isinstance(message, RequestUpdate):
+                updates.append(message)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def ping(endpoint: str, timeout_s: float = 1.0, context: zmq.Context | None = None) -> Pong | None:
+    """The instance's `Pong` (its load and free blocks), or None if it does not answer in time."""
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(encode(Ping()))
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(int(left * 1000) + 1):
+                break
+            try:
+                message = decode(sock.recv())
+            except MessageError:
+                continue
+            if isinstance(message, Pong):
+                return message
+        return None
+    finally:
+        sock.close(linger=0)
+
+
+class RemoteEngine:
+    """The engine interface of `backends.replay`, served by an instance process."""
+
+    def __init__(self, endpoint: str, clock: Callable[[], float] = time.monotonic, poll_s: float = 0.002) -> None:
+        self.client = Client(endpoint)
+        self.clock = clock
+        self.poll_s = poll_s
+        self.pending: dict[str, RequestOutput] = {}
+        self._prefix = uuid.uuid4().hex[:8]
+
+    def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
+                    arrival_time_s: float | None = None) -> str:
+        request_id = request_id or f"{self._prefix}-{len(self.pending)}"
+        arrival = self.clock() if arrival_time_s is None else arrival_time_s
+        self.pending[request_id] = RequestOutput(request_id, list(prompt), [], "", False, None, arrival, None)
+        self.client.submit(request_id, prompt, params)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        self.client.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.pending)
+
+    def step(self) -> list[RequestOutput]:
+        """Wait briefly for updates; return the outputs they advanced."""
+        touched = {}
+        for update in self.client.recv(self.poll_s):
+            out = self.pending.get(update.request_id)
+            if out is None:
+                continue
+            now = self.clock()
+            if update.new_token_ids:
+                if out.first_token_time_s is None:
+                    out.first_token_time_s = now
+                out.token_ids.extend(update.new_token_ids)
+                out.token_times_s.extend([now] * len(update.new_token_ids))
+                if update.logprobs:
+                    out.logprobs = (out.logprobs or []) + list(update.logprobs)
+            if update.finished:
+                out.finished = True
+                out.finish_reason = update.finish_reason
+                out.finish_time_s = now
+                out.error = update.error
+                out.text = update.text or ""
+                del self.pending[update.request_id]
+            touched[update.request_id] = out
+        return list(touched.values())
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,274 @@
+"""The decode role: the entry point of a disaggregated pair (FastDeploy's single-machine mode).
+
+A client's request waits here until its prompt's KV blocks can be reserved
+(admission control: in order, never dropped); then a prefill instance, picked
+by the dispatch policy among `--innode-prefill-ports`, gets a `PrefillTask`
+naming those blocks. The prefill pushes the KV into them and reports the first
+token (`PrefillDone`); the request joins the running batch with nothing
+recomputed, and the prefill is told to free its copy (`KVAck`).
+
+Failures: a prefill that does not deliver within `--transfer-timeout-s` (or
+reports `PrefillFailed`) ends the request with an error and frees its
+reservation. With `ipc`, where the prefill writes straight into this cache,
+the blocks of a request aborted mid-transfer are held until the prefill
+confirms it stopped (or a second timeout passes), so a late write never lands
+in a reused block. Over `tcp` late frames are simply dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import zmq
+
+from pdlab.cluster.args import parse_ports
+from pdlab.cluster.frontend import Frontend
+from pdlab.cluster.messages import (
+    AbortPrefill, KVAck, KVDescriptor, KVLayer, Ping, Pong, PrefillDone, PrefillFailed, PrefillTask, encode,
+    sampling_to_msg,
+)
+from pdlab.errors import ConfigError
+from pdlab.policy.dispatch import LeastLoaded
+from pdlab.policy.request import Request, RequestStatus
+from pdlab.transfer import make_receiver
+from pdlab.transfer.base import TransferError
+
+log = logging.getLogger("pdlab.instance")
+
+
+@dataclass
+class Transfer:
+    peer: PrefillPeer
+    deadline_s: float
+
+
+@dataclass
+class PrefillPeer:
+    """A prefill instance as this decode instance sees it."""
+
+    name: str
+    sock: zmq.Socket  # DEALER to its engine-worker-queue port
+    outstanding: int = 0
+    last_seen_s: float | None = None  # its last Pong
+    busy_since_s: float | None = None  # when `outstanding` last rose from 0
+    incarnation: str = ""
+    last_ping_s: float = float("-inf")
+
+
+class Decode(Frontend):
+    def __init__(self, instance) -> None:
+        super().__init__(instance)
+        ports = parse_ports(instance.args.innode_prefill_ports)
+        if not ports:
+            raise ConfigError("a decode instance needs --innode-prefill-ports (the prefill instances' engine-worker-queue ports)")
+        self.peers: list[PrefillPeer] = []
+        for port in ports:
+            sock = instance.zmq.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            # Queue nothing for a prefill that is not connected: a restarted one must
+            # never receive tasks its predecessor was given.
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.connect(instance.endpoint(port))
+            self.peers.append(PrefillPeer(f"prefill:{port}", sock))
+        self.dispatch = LeastLoaded()
+        self.timeout_s = instance.args.transfer_timeout_s
+        self.heartbeat_s = min(1.0, self.timeout_s / 4)
+        self.receiver = make_receiver(instance.protocol, self.engine.kv_cache)
+        kv = self.engine.kv_cache.kv
+        self.descriptor = KVDescriptor(
+            instance_id=instance.instance_id, protocol=instance.protocol,
+            cache_endpoint=instance.endpoint(instance.args.cache_queue_port),
+            num_layers=kv.shape[0], num_blocks=kv.shape[2], block_size=kv.shape[3], num_kv_heads=kv.shape[4],
+            head_dim=kv.shape[5], dtype=str(kv.dtype).removeprefix("torch."), host=instance.host,
+            **self.receiver.descriptor_fields(),
+        )
+        # Remote writes into our blocks can outlive an abort only with ipc.
+        self.hold_on_abort = instance.protocol != "tcp"
+        self.transfers: dict[str, Transfer] = {}  # requests whose KV is on its way
+        self.quarantine: dict[str, Transfer] = {}  # aborted mid-transfer, blocks held until the prefill confirms
+        self.undispatched: dict[str, float] = {}  # reserved, but no prefill took the task yet: request id -> give-up time
+
+    def sockets(self) -> dict:
+        return {peer.sock: (lambda identity, message, rest, peer=peer: self.on_peer(peer, message)) for peer in self.peers}
+
+    def admit(self, request: Request) -> None:
+        self.scheduler.add_remote(request)
+
+    # --- messages ---------------------------------------------------------------------
+
+    def on_cache(self, identity: bytes, message, rest) -> None:
+        if isinstance(message, KVLayer):
+            self.on_kv_layer(message, rest)
+        elif isinstance(message, PrefillDone):
+            self.on_prefill_done(message)
+        elif isinstance(message, PrefillFailed):
+            self.on_prefill_failed(message)
+        else:
+            super().on_cache(identity, message, rest)
+
+    def on_kv_layer(self, header: KVLayer, rest) -> None:
+        request = self.scheduler.transferring.get(header.request_id)
+        # A late frame of an aborted or timed-out request must not touch blocks that may be reused.
+        if request is None or not set(header.dst_block_ids) <= set(request.block_ids) or len(rest) != 1:
+            return
+        try:
+            self.receiver.write_layer(header, rest[0].buffer)
+        except TransferError as e:
+            self._fail(header.request_id, f"KV transfer failed: {e}")
+
+    def on_peer(self, peer: PrefillPeer, message) -> None:
+        if not isinstance(message, Pong):
+            return
+        if peer.incarnation and message.incarnation != peer.incarnation:
+            self._lose_peer(peer, f"{peer.name} restarted")
+        peer.incarnation = message.incarnation
+        peer.last_seen_s = self.engine.clock()
+
+    def on_prefill_done(self, message: PrefillDone) -> None:
+        request_id = message.request_id
+        transfer = self.transfers.pop(request_id, None) or self.quarantine.pop(request_id, None)
+        if transfer is None:
+            return
+        self._settle(transfer)
+        self._send(transfer.peer, KVAck(request_id))
+        request = self.scheduler.transferring.get(request_id)
+        if request is None:  # aborted while the KV was on its way: nothing writes its blocks any more
+            self.scheduler.release(request_id)
+            return
+        request.keep_blocks_after_finish = False
+        if message.logprobs is not None:
+            self.engine.record_logprobs(request_id, message.logprobs)
+        self.scheduler.complete_transfer(request_id, message.first_token_id, self.engine.clock())
+        self.engine.apply_stop_strings([request])
+        self.publish(self.engine.output(request))
+
+    def on_prefill_failed(self, message: PrefillFailed) -> None:
+        transfer = self.transfers.pop(message.request_id, None) or self.quarantine.pop(message.request_id, None)
+        if transfer is None:
+            return
+        self._settle(transfer)
+        request = self.scheduler.transferring.get(message.request_id)
+        if request is not None:
+            # The prefill stopped writing before it said so: the blocks can go back at once.
+            request.keep_blocks_after_finish = False
+            self._end(message.request_id, f"prefill failed: {message.error}")
+        self.scheduler.release(message.request_id)
+
+    def on_abort(self, request_id: str) -> None:
+        request = self.scheduler.requests.get(request_id)
+        if request is not None and request.status is RequestStatus.TRANSFERRING:
+            self._cancel_transfer(request_id)
+        super().on_abort(request_id)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def tick(self, now_s: float) -> None:
+        for request in self.scheduler.reserve():
+            request.keep_blocks_after_finish = self.hold_on_abort
+            self.undispatched[request.request_id] = now_s + self.timeout_s
+        for request_id, give_up_s in list(self.undispatched.items()):
+            if not self._dispatch(request_id, now_s) and now_s > give_up_s:
+                del self.undispatched[request_id]
+                request = self.scheduler.transferring.get(request_id)
+                if request is not None:
+                    request.keep_blocks_after_finish = False  # nothing was sent: nobody writes its blocks
+                self._end(request_id, f"no prefill instance accepted the task within {self.timeout_s:.1f} s")
+        for peer in self.peers:
+            if now_s - peer.last_ping_s >= self.heartbeat_s:
+                peer.last_ping_s = now_s
+                self._send(peer, Ping())
+            seen = max(peer.last_seen_s or float("-inf"), peer.busy_since_s or float("-inf"))
+            if peer.outstanding and now_s - seen > self.timeout_s:
+                self._lose_peer(peer, f"{peer.name} stopped answering for {self.timeout_s:.1f} s")
+        for request_id, transfer in list(self.quarantine.items()):
+            if now_s > transfer.deadline_s:  # the prefill never confirmed: it is gone, and so are its writes
+                del self.quarantine[request_id]
+                self._settle(transfer)
+                self.scheduler.release(request_id)
+
+    def _dispatch(self, request_id: str, now_s: float) -> bool:
+        """Send the prefill task to the least loaded prefill that takes it; False if none does."""
+        request = self.scheduler.transferring.get(request_id)
+        if request is None:
+            self.undispatched.pop(request_id, None)
+            return True
+        task = PrefillTask(request.request_id, request.prompt_token_ids, sampling_to_msg(request.params),
+                           request.seed, list(request.block_ids), self.descriptor)
+        loads = [peer.outstanding for peer in self.peers]
+        for _ in self.peers:
+            peer = self.peers[self.dispatch.pick(loads)]
+            if self._send(peer, task):
+                del self.undispatched[request_id]
+                if peer.outstanding == 0:
+                    peer.busy_since_s = now_s
+                peer.outstanding += 1
+                self.transfers[request_id] = Transfer(peer, now_s + self.timeout_s)
+                return True
+            loads[self.peers.index(peer)] = float("inf")
+        return False
+
+    def _send(self, peer: PrefillPeer, message) -> bool:
+        try:
+            peer.sock.send(encode(message), zmq.NOBLOCK)
+            return True
+        except zmq.Again:  # not connected (not up yet, or gone)
+            return False
+
+    def _settle(self, transfer: Transfer) -> None:
+        transfer.peer.outstanding -= 1
+
+    def _lose_peer(self, peer: PrefillPeer, why: str) -> None:
+        """Everything sent to `peer` is lost: end those requests; its writes have stopped with it."""
+        for request_id, transfer in list(self.transfers.items()):
+            if transfer.peer is peer:
+                del self.transfers[request_id]
+                self._settle(transfer)
+                request = self.scheduler.transferring.get(request_id)
+                if request is not None:
+                    request.keep_blocks_after_finish = False
+                self._end(request_id, f"{why}; the request's KV never arrived")
+        for request_id, transfer in list(self.quarantine.items()):
+            if transfer.peer is peer:
+                del self.quarantine[request_id]
+                self._settle(transfer)
+                self.scheduler.release(request_id)
+        peer.busy_since_s = None
+
+    def step(self) -> None:
+        for out in self.engine.step():
+            self.publish(out)
+
+    def close(self) -> None:
+        self.receiver.close()
+        for peer in self.peers:
+            peer.sock.close(linger=0)
+
+    # --- failure paths -------------------------------------------------------------------
+
+    def _fail(self, request_id: str, error: str) -> None:
+        self._cancel_transfer(request_id)
+        self._end(request_id, error)
+
+    def _cancel_transfer(self, request_id: str) -> None:
+        if self.undispatched.pop(request_id, None) is not None:
+            request = self.scheduler.transferring.get(request_id)
+            if request is not None:
+                request.keep_blocks_after_finish = False
+            return
+        transfer = self.transfers.pop(request_id, None)
+        if transfer is None:
+            return
+        self._send(transfer.peer, AbortPrefill(request_id))
+        if self.hold_on_abort:
+            transfer.deadline_s = self.engine.clock() + self.timeout_s
+            self.quarantine[request_id] = transfer
+        else:
+            self._settle(transfer)
+
+    def _end(self, request_id: str, error: str) -> None:
+        request = self.scheduler.finish(request_id, "error", self.engine.clock())
+        if request is not None:
+            out = self.engine.output(request)
+            out.error = error
+            self.publish(out, error)
