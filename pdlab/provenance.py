@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -9,6 +10,9 @@ from pathlib import Path
 
 
 def git_commit(repo: Path | None = None) -> str | None:
+    """HEAD (with -dirty), or $PDLAB_GIT_COMMIT where the tree was copied without .git (the GPU machine)."""
+    if os.environ.get("PDLAB_GIT_COMMIT"):
+        return os.environ["PDLAB_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).parent, capture_output=True,
                              text=True, timeout=5)

@@ -47,8 +47,15 @@ class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_kv_heads: int
     head_dim: int
     dtype: str
-    # ipc: a CUDA IPC handle (64 bytes) and the decode's GPU, or a shared-memory name on CPU.
+    # ipc on GPUs: a CUDA IPC handle (64 bytes) of the allocation holding the cache, the
+    # cache's byte offset in it, and the exporter's pid and raw pointer (usable as is
+    # by a sender in the same process, where IPC handles cannot be opened).
     ipc_handle: bytes = b""
+    ipc_offset: int = 0
+    ipc_pid: int = 0
+    ipc_ptr: int = 0
+    ipc_device: int = 0
+    # ipc on CPUs: the shared-memory file that holds the cache.
     shm_name: str = ""
     host: str = ""
 

@@ -1,0 +1,211 @@
+"""KV hand-off inside one machine: the `ipc` transport against one raw peer copy of the same bytes.
+
+    python benchmarks/kv_transfer.py --out data/bench/kv_transfer.json
+
+Needs two GPUs. Part 1, bandwidth: a "decode" process on GPU 1 exports its
+llama3-8b-shaped KV cache; a "prefill" process on GPU 0 pushes 1k, 4k and 16k
+tokens' worth of randomly placed blocks into it, layer by layer, through
+`CudaIpcSender` (what a prefill instance does), and checks the bytes that
+landed. In the same process and run: one raw peer copy (`copy_` GPU 0 -> GPU 1)
+of the same number of contiguous bytes. Part 2, TTFT: 4k-token prompts served
+by one colocated (`mixed`) instance on GPU 0, then by a prefill instance on
+GPU 0 and a decode instance on GPU 1 over ipc, measured at the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pdlab.cluster.messages import KVDescriptor  # noqa: E402
+from pdlab.engine.kv_cache import KVCache  # noqa: E402
+from pdlab.models.presets import PRESETS  # noqa: E402
+
+BLOCK_SIZE = 16
+SIZES_TOKENS = (1024, 4096, 16384)
+
+
+def _descriptor(cache: KVCache) -> KVDescriptor:
+    from pdlab.transfer.cuda_ipc import CudaIpcReceiver
+
+    kv = cache.kv
+    return KVDescriptor(instance_id="bench-decode", protocol="ipc", cache_endpoint="", num_layers=kv.shape[0],
+                        num_blocks=kv.shape[2], block_size=kv.shape[3], num_kv_heads=kv.shape[4], head_dim=kv.shape[5],
+                        dtype=str(kv.dtype).removeprefix("torch."), **CudaIpcReceiver(cache).descriptor_fields())
+
+
+def decode_side(conn, num_blocks: int) -> None:
+    torch.cuda.set_device(1)
+    cache = KVCache(PRESETS["llama3-8b"], num_blocks, BLOCK_SIZE, torch.bfloat16, "cuda:1")
+    conn.send_bytes(encode_descriptor(_descriptor(cache)))
+    while True:
+        request = conn.recv_bytes().decode()
+        if request == "stop":
+            return
+        # "sum:<comma-separated block ids>": checksum of those blocks, every layer.
+        ids = torch.tensor([int(x) for x in request.split(":")[1].split(",")], device="cuda:1")
+        conn.send_bytes(str(float(cache.kv.index_select(2, ids).float().sum())).encode())
+
+
+def encode_descriptor(d: KVDescriptor) -> bytes:
+    import msgspec
+
+    return msgspec.msgpack.encode(d)
+
+
+def prefill_side(conn, num_blocks: int, repeats: int) -> list[dict]:
+    import msgspec
+
+    from pdlab.transfer.cuda_ipc import CudaIpcSender
+
+    torch.cuda.set_device(0)
+    dst = msgspec.msgpack.decode(conn.recv_bytes(), type=KVDescriptor)
+    cache = KVCache(PRESETS["llama3-8b"], num_blocks, BLOCK_SIZE, torch.bfloat16, "cuda:0")
+    cache.kv.normal_()
+    sender = CudaIpcSender(cache, dst, socket=None)
+    num_layers = cache.kv.shape[0]
+    bytes_per_block = cache.kv[0, :, 0].numel() * cache.kv.element_size() * num_layers
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for tokens in SIZES_TOKENS:
+        n = tokens // BLOCK_SIZE
+        src = torch.randperm(num_blocks, generator=gen)[:n].tolist()
+        dst_ids = torch.randperm(num_blocks, generator=gen)[:n].tolist()
+        nbytes = n * bytes_per_block
+
+        def handoff():
+            for layer in range(num_layers):
+                sender.send_layer("bench", layer, src, dst_ids)
+            sender.flush()
+
+        handoff()  # warm-up (Triton compile)
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize(0)
+            t = time.perf_counter()
+            handoff()
+            times.append(time.perf_counter() - t)
+        # Correctness: what landed equals what was sent.
+        conn.send_bytes(("sum:" + ",".join(map(str, dst_ids))).encode())
+        remote_sum = float(conn.recv_bytes())
+        local_sum = float(cache.kv.index_select(2, torch.tensor(src, device="cuda:0")).float().sum())
+        # Baseline: one raw peer copy of the same number of bytes, contiguous.
+        a = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+        b = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+        b.copy_(a)
+        raw = []
+        for _ in range(repeats):
+            torch.cuda.synchronize(0)
+            torch.cuda.synchronize(1)
+            t = time.perf_counter()
+            b.copy_(a)
+            torch.cuda.synchronize(1)
+            torch.cuda.synchronize(0)
+            raw.append(time.perf_counter() - t)
+        del a, b
+        handoff_s, raw_s = statistics.median(times), statistics.median(raw)
+        rows.append({
+            "tokens": tokens, "blocks": n, "bytes": nbytes, "layers": num_layers,
+            "handoff_ms": handoff_s * 1e3, "handoff_GBps": nbytes / handoff_s / 1e9,
+            "raw_peer_copy_ms": raw_s * 1e3, "raw_peer_copy_GBps": nbytes / raw_s / 1e9,
+            "ratio_to_raw": raw_s / handoff_s, "bytes_match": abs(remote_sum - local_sum) <= 1e-3 * abs(local_sum) + 1e-3,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    conn.send_bytes(b"stop")
+    sender.close()
+    return rows
+
+
+def bandwidth(repeats: int) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    num_blocks = 2 * SIZES_TOKENS[-1] // BLOCK_SIZE
+    proc = ctx.Process(target=decode_side, args=(child, num_blocks))
+    proc.start()
+    try:
+        return prefill_side(parent, num_blocks, repeats)
+    finally:
+        proc.join(60)
+
+
+def ttft(model: str, prompt_tokens: int, num_requests: int, log_dir: Path) -> dict:
+    """Median client-side TTFT of sequential requests, colocated vs disaggregated."""
+    from pdlab.cluster.client import RemoteEngine
+    from pdlab.cluster.launch import start_instance
+    from pdlab.sampling_params import SamplingParams
+
+    common = ["--max-model-len", str(prompt_tokens + 64), "--max-num-batched-tokens", str(prompt_tokens + 64),
+              "--gpu-memory-utilization", "0.6", "--cache-transfer-protocol", "ipc"]
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 120000, (prompt_tokens,), generator=gen).tolist() for _ in range(num_requests + 2)]
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+
+    def measure(endpoint: str) -> list[float]:
+        engine = RemoteEngine(endpoint, poll_s=0.0005)
+        out = []
+        for i, prompt in enumerate(prompts):
+            rid = engine.add_request(prompt, params, f"t{i}")
+            first = None
+            while engine.has_unfinished():
+                for o in engine.step():
+                    if o.first_token_time_s is not None and first is None:
+                        first = o.ttft_s
+            if i >= 2:  # the first two warm up
+                out.append(first)
+        engine.close()
+        return out
+
+    result = {"model": model, "prompt_tokens": prompt_tokens, "num_requests": num_requests}
+    mixed = start_instance("mixed", model, log_dir, extra_args=common, env={"CUDA_VISIBLE_DEVICES": "0"})
+    try:
+        mixed.wait_ready(600)
+        result["colocated_ttft_ms"] = [t * 1e3 for t in measure(mixed.endpoint)]
+    finally:
+        mixed.stop()
+    prefill = start_instance("prefill", model, log_dir, extra_args=common, env={"CUDA_VISIBLE_DEVICES": "0"})
+    decode_ = start_instance("decode", model, log_dir, env={"CUDA_VISIBLE_DEVICES": "1"},
+                             extra_args=common + ["--innode-prefill-ports", str(prefill.engine_worker_queue_port)])
+    try:
+        prefill.wait_ready(600)
+        decode_.wait_ready(600)
+        result["disaggregated_ttft_ms"] = [t * 1e3 for t in measure(decode_.endpoint)]
+    finally:
+        prefill.stop()
+        decode_.stop()
+    c, d = statistics.median(result["colocated_ttft_ms"]), statistics.median(result["disaggregated_ttft_ms"])
+    result.update(colocated_ttft_p50_ms=c, disaggregated_ttft_p50_ms=d, ratio=d / c)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("data/bench/kv_transfer.json"))
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--ttft-model", default="llama3-8b")
+    parser.add_argument("--ttft-requests", type=int, default=5)
+    parser.add_argument("--skip-ttft", action="store_true")
+    args = parser.parse_args()
+    if torch.cuda.device_count() < 2:
+        sys.exit("benchmarks/kv_transfer.py needs two GPUs")
+    from pdlab.provenance import provenance
+
+    report = {"provenance": provenance(), "bandwidth": bandwidth(args.repeats)}
+    if not args.skip_ttft:
+        report["ttft_4k"] = ttft(args.ttft_model, 4096, args.ttft_requests, args.out.parent / "logs")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

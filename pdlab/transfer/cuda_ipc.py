@@ -1,0 +1,165 @@
+"""`ipc` between GPUs of one machine: CUDA IPC handles, one Triton kernel per layer.
+
+The decode instance exports the allocation of its KV cache (`cuIpcGetMemHandle`)
+and the cache's offset in it. The prefill instance opens that handle with lazy
+peer access while its own GPU is current (opening it through PyTorch's IPC
+rebuild maps it on the exporter's GPU, and a kernel on the importer's GPU then
+faults) and launches, for every layer, one kernel on its own GPU that copies
+the request's scattered blocks straight into the decode cache through NVLink.
+Copying block by block from Python runs at 1-2 GB/s (DESIGN.md); one kernel
+over all blocks of a layer runs near the link's bandwidth.
+
+The kernels run on a side stream that waits for the layer's KV to be written,
+so the transfer overlaps the rest of the forward pass; `flush` waits for them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from pdlab.cluster.messages import KVDescriptor
+from pdlab.engine.kv_cache import KVCache
+from pdlab.transfer.base import KVReceiver, KVSender, TransferError
+
+IPC_HANDLE_BYTES = 64
+CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
+
+
+class _IpcHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * IPC_HANDLE_BYTES)]
+
+
+_libcuda = None
+
+
+def _cuda():
+    global _libcuda
+    if _libcuda is None:
+        _libcuda = ctypes.CDLL("libcuda.so.1")
+    return _libcuda
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        name = ctypes.c_char_p()
+        _cuda().cuGetErrorName(result, ctypes.byref(name))
+        raise TransferError(f"{what} failed: {name.value.decode() if name.value else result}")
+
+
+def export_handle(tensor: torch.Tensor) -> tuple[bytes, int]:
+    """(IPC handle of the allocation holding `tensor`, `tensor`'s byte offset in it)."""
+    torch.cuda.set_device(tensor.device)
+    ptr = ctypes.c_uint64(tensor.data_ptr())
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    _check(_cuda().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange")
+    handle = _IpcHandle()
+    _check(_cuda().cuIpcGetMemHandle(ctypes.byref(handle), base), "cuIpcGetMemHandle")
+    return bytes(handle.reserved), tensor.data_ptr() - base.value
+
+
+def open_handle(handle: bytes, device: torch.device) -> int:
+    """Map another process's allocation into this one, for kernels on `device`; returns its address."""
+    torch.cuda.set_device(device)
+    torch.cuda.current_stream(device).synchronize()  # makes the primary context current on this thread
+    h = _IpcHandle()
+    h.reserved = handle
+    ptr = ctypes.c_uint64()
+    _check(_cuda().cuIpcOpenMemHandle_v2(ctypes.byref(ptr), h, ctypes.c_uint(CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)),
+           "cuIpcOpenMemHandle")
+    return ptr.value
+
+
+def enable_peer_access(device: torch.device, peer: int) -> None:
+    """Let kernels on `device` reach `peer`'s memory (needed inside one process only)."""
+    if device.index == peer:
+        return
+    torch.cuda.set_device(device)
+    torch.cuda.current_stream(device).synchronize()
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    _check(_cuda().cuDeviceGet(ctypes.byref(dev), peer), "cuDeviceGet")
+    _check(_cuda().cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+    result = _cuda().cuCtxEnablePeerAccess(ctx, ctypes.c_uint(0))
+    if result not in (0, 704):  # 704: already enabled
+        _check(result, "cuCtxEnablePeerAccess")
+
+
+@triton.jit
+def _copy_blocks_kernel(src_ptr, dst_addr_ptr, src_ids_ptr, dst_ids_ptr, layer, src_num_blocks, dst_num_blocks,
+                        block_elems, BLOCK: tl.constexpr):
+    # One program copies BLOCK elements of the K (or V) part of one block of one layer.
+    pair = tl.program_id(0)  # block index * 2 + (0 for K, 1 for V)
+    chunk = tl.program_id(1)
+    i = pair // 2
+    kv = pair % 2
+    src_block = tl.load(src_ids_ptr + i).to(tl.int64)
+    dst_block = tl.load(dst_ids_ptr + i).to(tl.int64)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < block_elems
+    src_off = ((layer * 2 + kv) * src_num_blocks + src_block) * block_elems
+    dst_off = ((layer * 2 + kv) * dst_num_blocks + dst_block) * block_elems
+    dst_ptr = tl.load(dst_addr_ptr).to(tl.pointer_type(src_ptr.dtype.element_ty))
+    values = tl.load(src_ptr + src_off + offs, mask=mask)
+    tl.store(dst_ptr + dst_off + offs, values, mask=mask)
+
+
+def copy_blocks(src: torch.Tensor, dst_addr: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor, layer: int,
+                dst_num_blocks: int) -> None:
+    """src: the local cache [L, 2, N, bs, H, D]; dst_addr: int64 [1], the remote cache's address, same layout."""
+    block_elems = src.shape[3] * src.shape[4] * src.shape[5]
+    BLOCK = 2048
+    grid = (2 * src_ids.numel(), triton.cdiv(block_elems, BLOCK))
+    _copy_blocks_kernel[grid](src, dst_addr, src_ids, dst_ids, layer, src.shape[2], dst_num_blocks, block_elems,
+                              BLOCK=BLOCK)
+
+
+class CudaIpcSender(KVSender):
+    def __init__(self, local: KVCache, dst: KVDescriptor, socket) -> None:
+        super().__init__(local, dst, socket)
+        self.device = local.kv.device
+        if dst.ipc_pid == os.getpid():
+            enable_peer_access(self.device, dst.ipc_device)
+            address = dst.ipc_ptr
+        elif len(dst.ipc_handle) == IPC_HANDLE_BYTES:
+            address = open_handle(dst.ipc_handle, self.device) + dst.ipc_offset
+            self._mapped = address - dst.ipc_offset
+        else:
+            raise TransferError(f"decode instance {dst.instance_id} offers no CUDA IPC handle for ipc")
+        self.dst_addr = torch.tensor([address], dtype=torch.int64, device=self.device)
+        self.stream = torch.cuda.Stream(self.device)
+        self._keep: list[torch.Tensor] = []  # index tensors in use by queued kernels
+
+    def send_layer(self, request_id: str, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
+        self.check_blocks(src_block_ids, self.local.num_blocks, "source")
+        self.check_blocks(dst_block_ids, self.dst.num_blocks, "destination")
+        ids = torch.tensor([src_block_ids, dst_block_ids], dtype=torch.int32).pin_memory()
+        written = torch.cuda.Event()
+        written.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(written)
+            ids = ids.to(self.device, non_blocking=True)
+            copy_blocks(self.local.kv, self.dst_addr, ids[0], ids[1], layer, self.dst.num_blocks)
+        self._keep.append(ids)
+
+    def flush(self) -> None:
+        self.stream.synchronize()
+        self._keep.clear()
+
+    def close(self) -> None:
+        self.flush()
+        mapped = getattr(self, "_mapped", None)
+        if mapped is not None:
+            _cuda().cuIpcCloseMemHandle(ctypes.c_uint64(mapped))
+            self._mapped = None
+
+
+class CudaIpcReceiver(KVReceiver):
+    def descriptor_fields(self) -> dict:
+        handle, offset = export_handle(self.local.kv)
+        return {"ipc_handle": handle, "ipc_offset": offset, "ipc_pid": os.getpid(), "ipc_ptr": self.local.kv.data_ptr(),
+                "ipc_device": self.local.kv.device.index}
+
