@@ -129,12 +129,14 @@ def bandwidth(repeats: int) -> list[dict]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     num_blocks = 2 * SIZES_TOKENS[-1] // BLOCK_SIZE
-    proc = ctx.Process(target=decode_side, args=(child, num_blocks))
+    proc = ctx.Process(target=decode_side, args=(child, num_blocks), daemon=True)
     proc.start()
     try:
         return prefill_side(parent, num_blocks, repeats)
     finally:
-        proc.join(60)
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
 
 
 def ttft(model: str, prompt_tokens: int, num_requests: int, log_dir: Path) -> dict:

@@ -59,7 +59,7 @@ def export_handle(tensor: torch.Tensor) -> tuple[bytes, int]:
     _check(_cuda().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange")
     handle = _IpcHandle()
     _check(_cuda().cuIpcGetMemHandle(ctypes.byref(handle), base), "cuIpcGetMemHandle")
-    return bytes(handle.reserved), tensor.data_ptr() - base.value
+    return ctypes.string_at(ctypes.addressof(handle), IPC_HANDLE_BYTES), tensor.data_ptr() - base.value
 
 
 def open_handle(handle: bytes, device: torch.device) -> int:
@@ -67,7 +67,7 @@ def open_handle(handle: bytes, device: torch.device) -> int:
     torch.cuda.set_device(device)
     torch.cuda.current_stream(device).synchronize()  # makes the primary context current on this thread
     h = _IpcHandle()
-    h.reserved = handle
+    ctypes.memmove(ctypes.addressof(h), handle, IPC_HANDLE_BYTES)  # c_char arrays stop at NUL; copy raw
     ptr = ctypes.c_uint64()
     _check(_cuda().cuIpcOpenMemHandle_v2(ctypes.byref(ptr), h, ctypes.c_uint(CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)),
            "cuIpcOpenMemHandle")

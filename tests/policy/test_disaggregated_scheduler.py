@@ -438,3 +438,27 @@ def test_local_admission_respects_sequence_slots_reserved_for_transfers():
     step(s, 5, 1.0)  # admits "local" although the slot is reserved
     s.complete_transfer("remote", 5, 2.0)
     assert len(s.running) <= s.config.max_num_seqs  # 2 > 1
+
+
+@pytest.mark.xfail(strict=True, reason="source bug: Scheduler._schedule_waiting re-admits a preempted request "
+                   "counting only `running`, not the slots `reserve` gave to `transferring` requests")
+def test_readmission_after_preemption_respects_sequence_slots_reserved_for_transfers():
+    # The same overrun on a decode instance with remote requests only.
+    s = make_scheduler(num_blocks=8, max_num_seqs=2)
+    s.add_remote(req("x", 16, keep=True))
+    s.reserve()
+    s.abort("x", 0.0)  # held: a late transfer may still write its 4 blocks
+    for rid in "ab":
+        s.add_remote(req(rid, 4, max_tokens=20, ignore_eos=True))
+    s.reserve()
+    s.complete_transfer("a", 5, 0.0)
+    s.complete_transfer("b", 5, 0.0)
+    now = 1.0
+    while not step(s, 5, now).preempted_ids:  # a and b grow until b is preempted
+        now += 1
+    s.add_remote(req("c", 4, ignore_eos=True))
+    assert s.reserve()[0].request_id == "c"  # takes b's slot: 1 running + 1 transferring
+    s.release("x")
+    step(s, 5, now + 1)  # re-admits b: 2 running + 1 transferring
+    s.complete_transfer("c", 5, now + 2)
+    assert len(s.running) <= s.config.max_num_seqs  # 3 > 2
