@@ -247,8 +247,12 @@ class SamplingSection(_Section):
 
 
 class RunSection(_Section):
+    """One layout to serve the workload with: one colocated instance, or prefill instances and a decode instance."""
+
     name: Name
-    mode: Literal["colocated"] = "colocated"
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    transfer_protocol: Literal["tcp", "ipc"] = "ipc"  # disaggregated: how the KV moves (FastDeploy's default: ipc)
+    num_prefill: PositiveInt = 1  # disaggregated: prefill instances behind the decode instance
 
 
 class SloSection(_Section):
@@ -299,6 +303,20 @@ class Experiment(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"run names must be unique, got {names}")
         return runs
+
+    def instance_args(self) -> list[str]:
+        """The same settings as command-line flags of an instance process."""
+        e = self.engine
+        flags = ["--dtype", self.model.dtype, "--device", self.model.device, "--seed", str(self.seed),
+                 "--block-size", str(e.block_size), "--gpu-memory-utilization", str(e.gpu_memory_utilization),
+                 "--max-num-seqs", str(e.max_num_seqs),
+                 "--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill"]
+        optional = {"--num-gpu-blocks": e.num_blocks, "--kv-cache-memory-bytes": e.kv_cache_memory_bytes,
+                    "--max-num-batched-tokens": e.max_num_batched_tokens, "--max-model-len": e.max_model_len}
+        for flag, value in optional.items():
+            if value is not None:
+                flags += [flag, str(value)]
+        return flags
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `pdlab.engine.config.EngineConfig` for this experiment."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -52,30 +52,37 @@ class ExperimentResult:
         return {name: r.records for name, r in self.runs.items()}
 
 
-def run_colocated(exp: Experiment, run: RunSection, progress: bool) -> RunResult:
+def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> RunResult:
+    """Serve the workload on real instance processes of the run's layout; time it at the client."""
     from pdlab.backends.replay import replay
-    from pdlab.engine.config import EngineConfig
-    from pdlab.engine.engine import LLMEngine
+    from pdlab.cluster.client import RemoteEngine
+    from pdlab.cluster.deploy import Deployment
+    from pdlab.models.source import resolve_model
 
-    engine = LLMEngine(EngineConfig(**exp.engine_kwargs()))
-    requests = build_requests(exp, engine)
-    records, outputs = replay(engine, requests, lambda spec: params_for(exp, spec), run.mode, progress=progress)
+    tokenizer = resolve_model(exp.model.name).load_tokenizer()
+    requests = build_requests(exp, tokenizer)
+    deployment = Deployment(exp.model.name, run.mode, exp.instance_args(), protocol=run.transfer_protocol,
+                            num_prefill=run.num_prefill, log_dir=log_dir)
+    with deployment:
+        engine = RemoteEngine(deployment.endpoint)
+        try:
+            records, outputs = replay(engine, requests, lambda spec: params_for(exp, spec), run.mode, progress=progress)
+        finally:
+            engine.close()
     texts = {spec.request_id: {"prompt": spec.prompt_text, "answer": outputs[spec.request_id].text}
              for spec in requests if spec.prompt_text is not None}
     return RunResult(run, records, _summarize(exp, records), texts)
 
 
-BACKENDS = {"colocated": run_colocated}
-
-
-def build_requests(exp: Experiment, engine) -> list[RequestSpec]:
+def build_requests(exp: Experiment, tokenizer) -> list[RequestSpec]:
     """The experiment's requests; identical for every run of the experiment (same seed)."""
-    tokenizer = engine.tokenizer
+    from pdlab.models.tokenizer import encode_chat
+
     return make_workload(
         exp.workload.to_spec(),
         vocab_size=tokenizer.vocab_size,
         seed=exp.seed,
-        encode_prompt=lambda text: engine.encode_chat([{"role": "user", "content": text}]),
+        encode_prompt=lambda text: encode_chat(tokenizer, [{"role": "user", "content": text}]),
     )
 
 
@@ -84,8 +91,6 @@ def params_for(exp: Experiment, spec: RequestSpec):
     # real text prompts stop at end-of-sequence unless the experiment says otherwise.
     params = exp.sampling.to_params(max_tokens=spec.max_tokens, seed=exp.seed * 1_000_003 + int(spec.request_id.split("-")[-1]))
     if spec.prompt_text is None and not params.ignore_eos:
-        from dataclasses import replace
-
         params = replace(params, ignore_eos=True)
     return params
 
@@ -95,8 +100,10 @@ def _summarize(exp: Experiment, records: list[RequestRecord]) -> dict:
 
 
 def run_experiment(exp: Experiment, progress: bool = True, write: bool = True) -> ExperimentResult:
-    runs = {run.name: BACKENDS[run.mode](exp, run, progress) for run in exp.runs}
-    result = ExperimentResult(exp, runs, exp.output_dir / exp.name if write else None)
+    out_dir = exp.output_dir / exp.name if write else None
+    log_dir = out_dir / "logs" if out_dir is not None else None
+    runs = {run.name: run_real(exp, run, progress, log_dir) for run in exp.runs}
+    result = ExperimentResult(exp, runs, out_dir)
     if write:
         write_results(result)
     return result

@@ -167,7 +167,8 @@ def encode(message: Message) -> bytes:
 def decode(data: bytes) -> Message:
     try:
         return _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    # msgspec lets invalid UTF-8 and very deep nesting through as other exceptions.
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as e:
         raise MessageError(f"malformed control message ({len(data)} bytes): {e}") from None
 
 

@@ -15,6 +15,7 @@ from pdlab.engine.outputs import RequestOutput
 from pdlab.errors import ConfigError, InvalidRequestError
 from pdlab.models.load import load_model, resolve_device, resolve_dtype
 from pdlab.models.source import resolve_model
+from pdlab.models.tokenizer import encode_chat
 from pdlab.policy.block_manager import BlockManager
 from pdlab.policy.request import Request
 from pdlab.policy.scheduler import Scheduler, SchedulerConfig
@@ -96,9 +97,7 @@ class LLMEngine:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation through the tokenizer's chat template, ready for the reply."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # The template writes the special tokens (BOS included) itself.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return encode_chat(self.tokenizer, messages)
 
     def make_request(
         self,

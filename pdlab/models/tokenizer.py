@@ -180,3 +180,10 @@ def _load_tokenizer(path_str: str) -> Tokenizer:
         hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
         return Tokenizer(hf, extra_eos_token_ids=read_gguf_eos_token_ids(path))
     raise ModelNotFoundError(f"no tokenizer at {path}: expected a model directory or a .gguf file")
+
+
+def encode_chat(tokenizer: TokenizerLike, messages: list[Message]) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template, ready for the reply."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The template writes the special tokens (BOS included) itself.
+    return tokenizer.encode(text, add_special_tokens=False)

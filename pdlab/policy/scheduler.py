@@ -254,7 +254,8 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int, chunked: bool) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # Transferring requests will join the running batch: their slots are taken.
+        while self.waiting and budget > 0 and len(self.running) + len(self.transferring) < self.config.max_num_seqs:
             request = self.waiting[0]
             num_tokens = request.num_uncomputed_tokens
             if num_tokens > budget:

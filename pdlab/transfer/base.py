@@ -52,6 +52,11 @@ class KVSender(ABC):
     def send_layer(self, request_id: str, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
         """Queue the copy of `layer`'s K and V from local `src_block_ids` to remote `dst_block_ids`."""
 
+    def send_layers(self, request_id: str, layers: range, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
+        """`send_layer` for several layers at once (a whole request after its forward pass)."""
+        for layer in layers:
+            self.send_layer(request_id, layer, src_block_ids, dst_block_ids)
+
     def flush(self) -> None:
         """Wait until every queued layer is written into the destination, or handed to `socket`."""
 

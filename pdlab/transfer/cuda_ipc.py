@@ -89,11 +89,12 @@ def enable_peer_access(device: torch.device, peer: int) -> None:
 
 
 @triton.jit
-def _copy_blocks_kernel(src_ptr, dst_addr_ptr, src_ids_ptr, dst_ids_ptr, layer, src_num_blocks, dst_num_blocks,
+def _copy_blocks_kernel(src_ptr, dst_addr_ptr, src_ids_ptr, dst_ids_ptr, first_layer, src_num_blocks, dst_num_blocks,
                         block_elems, BLOCK: tl.constexpr):
     # One program copies BLOCK elements of the K (or V) part of one block of one layer.
     pair = tl.program_id(0)  # block index * 2 + (0 for K, 1 for V)
-    chunk = tl.program_id(1)
+    layer = first_layer + tl.program_id(1)
+    chunk = tl.program_id(2)
     i = pair // 2
     kv = pair % 2
     src_block = tl.load(src_ids_ptr + i).to(tl.int64)
@@ -107,54 +108,17 @@ def _copy_blocks_kernel(src_ptr, dst_addr_ptr, src_ids_ptr, dst_ids_ptr, layer, 
     tl.store(dst_ptr + dst_off + offs, values, mask=mask)
 
 
-def copy_blocks(src: torch.Tensor, dst_addr: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor, layer: int,
-                dst_num_blocks: int) -> None:
-    """src: the local cache [L, 2, N, bs, H, D]; dst_addr: int64 [1], the remote cache's address, same layout."""
+def copy_blocks(src: torch.Tensor, dst_addr: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor,
+                layers: range, dst_num_blocks: int) -> None:
+    """src: the local cache [L, 2, N, bs, H, D]; dst_addr: int64 [1], the remote cache's address, same layout.
+
+    Copies blocks `src_ids` -> `dst_ids` of every layer in `layers` (consecutive) in one launch.
+    """
     block_elems = src.shape[3] * src.shape[4] * src.shape[5]
-    BLOCK = 2048
-    grid = (2 * src_ids.numel(), triton.cdiv(block_elems, BLOCK))
-    _copy_blocks_kernel[grid](src, dst_addr, src_ids, dst_ids, layer, src.shape[2], dst_num_blocks, block_elems,
-                              BLOCK=BLOCK)
-
-
-class CudaIpcSender(KVSender):
-    def __init__(self, local: KVCache, dst: KVDescriptor, socket) -> None:
-        super().__init__(local, dst, socket)
-        self.device = local.kv.device
-        if dst.ipc_pid == os.getpid():
-            enable_peer_access(self.device, dst.ipc_device)
-            address = dst.ipc_ptr
-        elif len(dst.ipc_handle) == IPC_HANDLE_BYTES:
-            address = open_handle(dst.ipc_handle, self.device) + dst.ipc_offset
-            self._mapped = address - dst.ipc_offset
-        else:
-            raise TransferError(f"decode instance {dst.instance_id} offers no CUDA IPC handle for ipc")
-        self.dst_addr = torch.tensor([address], dtype=torch.int64, device=self.device)
-        self.stream = torch.cuda.Stream(self.device)
-        self._keep: list[torch.Tensor] = []  # index tensors in use by queued kernels
-
-    def send_layer(self, request_id: str, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
-        self.check_blocks(src_block_ids, self.local.num_blocks, "source")
-        self.check_blocks(dst_block_ids, self.dst.num_blocks, "destination")
-        ids = torch.tensor([src_block_ids, dst_block_ids], dtype=torch.int32).pin_memory()
-        written = torch.cuda.Event()
-        written.record(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(written)
-            ids = ids.to(self.device, non_blocking=True)
-            copy_blocks(self.local.kv, self.dst_addr, ids[0], ids[1], layer, self.dst.num_blocks)
-        self._keep.append(ids)
-
-    def flush(self) -> None:
-        self.stream.synchronize()
-        self._keep.clear()
-
-    def close(self) -> None:
-        self.flush()
-        mapped = getattr(self, "_mapped", None)
-        if mapped is not None:
-            _cuda().cuIpcCloseMemHandle(ctypes.c_uint64(mapped))
-            self._mapped = None
+    BLOCK = min(8192, triton.next_power_of_2(block_elems))
+    grid = (2 * src_ids.numel(), len(layers), triton.cdiv(block_elems, BLOCK))
+    _copy_blocks_kernel[grid](src, dst_addr, src_ids, dst_ids, layers.start, src.shape[2], dst_num_blocks, block_elems,
+                              BLOCK=BLOCK, num_warps=8)
 
 
 class CudaIpcReceiver(KVReceiver):

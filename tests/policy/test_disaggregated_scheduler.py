@@ -219,6 +219,7 @@ class DecodeHarness:
                 if status is RequestStatus.RUNNING:
                     assert len(r.block_ids) * BLOCK_SIZE >= r.num_computed_tokens
                     assert r.num_uncomputed_tokens >= 1
+        assert len(s.running) + len(s.transferring) <= s.config.max_num_seqs, "sequence slots overrun"
         for r in s.held.values():
             assert r.is_finished and r.keep_blocks_after_finish
         for r in self.all_requests:
@@ -428,8 +429,6 @@ def test_a_transfer_may_finish_the_request_at_once(first_token, reason):
     assert s.block_manager.num_free_blocks == 4
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: Scheduler._schedule_waiting admits local/preempted requests "
-                   "counting only `running`, not the slots `reserve` gave to `transferring` requests")
 def test_local_admission_respects_sequence_slots_reserved_for_transfers():
     s = make_scheduler(max_num_seqs=1)
     s.add_remote(req("remote", 4, ignore_eos=True))
@@ -440,8 +439,6 @@ def test_local_admission_respects_sequence_slots_reserved_for_transfers():
     assert len(s.running) <= s.config.max_num_seqs  # 2 > 1
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: Scheduler._schedule_waiting re-admits a preempted request "
-                   "counting only `running`, not the slots `reserve` gave to `transferring` requests")
 def test_readmission_after_preemption_respects_sequence_slots_reserved_for_transfers():
     # The same overrun on a decode instance with remote requests only.
     s = make_scheduler(num_blocks=8, max_num_seqs=2)
