@@ -121,6 +121,58 @@ def copy_blocks(src: torch.Tensor, dst_addr: torch.Tensor, src_ids: torch.Tensor
                               BLOCK=BLOCK, num_warps=8)
 
 
+class CudaIpcSender(KVSender):
+    def __init__(self, local: KVCache, dst: KVDescriptor, socket) -> None:
+        super().__init__(local, dst, socket)
+        self.device = local.kv.device
+        if dst.ipc_pid == os.getpid():
+            enable_peer_access(self.device, dst.ipc_device)
+            address = dst.ipc_ptr
+        elif len(dst.ipc_handle) == IPC_HANDLE_BYTES:
+            address = open_handle(dst.ipc_handle, self.device) + dst.ipc_offset
+            self._mapped = address - dst.ipc_offset
+        else:
+            raise TransferError(f"decode instance {dst.instance_id} offers no CUDA IPC handle for ipc")
+        self.dst_addr = torch.tensor([address], dtype=torch.int64, device=self.device)
+        self.stream = torch.cuda.Stream(self.device)
+        self._keep: list[torch.Tensor] = []  # index tensors in use by queued kernels
+        self._last: tuple[list[int], list[int], torch.Tensor] | None = None
+
+    def _ids(self, src_block_ids: list[int], dst_block_ids: list[int]) -> torch.Tensor:
+        """[2, n] int32 on the GPU; the same chunk's ids are reused for all its layers."""
+        last = self._last
+        if last is not None and last[0] == src_block_ids and last[1] == dst_block_ids:
+            return last[2]
+        self.check_blocks(src_block_ids, self.local.num_blocks, "source")
+        self.check_blocks(dst_block_ids, self.dst.num_blocks, "destination")
+        ids = torch.tensor([src_block_ids, dst_block_ids], dtype=torch.int32).to(self.device, non_blocking=True)
+        self._keep.append(ids)
+        self._last = (list(src_block_ids), list(dst_block_ids), ids)
+        return ids
+
+    def send_layer(self, request_id: str, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
+        self.send_layers(request_id, range(layer, layer + 1), src_block_ids, dst_block_ids)
+
+    def send_layers(self, request_id: str, layers: range, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
+        ids = self._ids(src_block_ids, dst_block_ids)
+        # The copy waits, on its own stream, for what the compute stream has written so far.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            copy_blocks(self.local.kv, self.dst_addr, ids[0], ids[1], layers, self.dst.num_blocks)
+
+    def flush(self) -> None:
+        self.stream.synchronize()
+        self._keep.clear()
+        self._last = None
+
+    def close(self) -> None:
+        self.flush()
+        mapped = getattr(self, "_mapped", None)
+        if mapped is not None:
+            _cuda().cuIpcCloseMemHandle(ctypes.c_uint64(mapped))
+            self._mapped = None
+
+
 class CudaIpcReceiver(KVReceiver):
     def descriptor_fields(self) -> dict:
         handle, offset = export_handle(self.local.kv)
