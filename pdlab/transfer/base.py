@@ -45,7 +45,7 @@ class KVSender(ABC):
         self.socket = socket  # zmq DEALER connected to dst.cache_endpoint
 
     def check_blocks(self, block_ids: list[int], num_blocks: int, side: str) -> None:
-        if any(not 0 <= b < num_blocks for b in block_ids):
+        if block_ids and not (0 <= min(block_ids) and max(block_ids) < num_blocks):
             raise TransferError(f"{side} block id out of range [0, {num_blocks}): {block_ids}")
 
     @abstractmethod

@@ -109,16 +109,18 @@ def _copy_blocks_kernel(src_ptr, dst_addr_ptr, src_ids_ptr, dst_ids_ptr, first_l
 
 
 def copy_blocks(src: torch.Tensor, dst_addr: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor,
-                layers: range, dst_num_blocks: int) -> None:
+                layers: range, dst_num_blocks: int, block: int = 2048, num_warps: int = 8) -> None:
     """src: the local cache [L, 2, N, bs, H, D]; dst_addr: int64 [1], the remote cache's address, same layout.
 
     Copies blocks `src_ids` -> `dst_ids` of every layer in `layers` (consecutive) in one launch.
+    Tile and warps from benchmarks/tune_kv_copy.py on an H100 pair: 86-90% of a raw peer copy
+    for every setting tried; 2048 elements and 8 warps was among the best at 4k and 16k tokens.
     """
     block_elems = src.shape[3] * src.shape[4] * src.shape[5]
-    BLOCK = min(8192, triton.next_power_of_2(block_elems))
+    BLOCK = min(block, triton.next_power_of_2(block_elems))
     grid = (2 * src_ids.numel(), len(layers), triton.cdiv(block_elems, BLOCK))
     _copy_blocks_kernel[grid](src, dst_addr, src_ids, dst_ids, layers.start, src.shape[2], dst_num_blocks, block_elems,
-                              BLOCK=BLOCK, num_warps=8)
+                              BLOCK=BLOCK, num_warps=num_warps)
 
 
 class CudaIpcSender(KVSender):
