@@ -27,14 +27,16 @@ def test_quickstart_runs_end_to_end_and_writes_results(tmp_path, capsys):
     assert code == 0
     out_dir = tmp_path / "quickstart"
     records = read_records_csv(out_dir / "records.csv")
-    assert len(records) == 6 and all(r.ok for r in records)
+    assert len(records) == 12 and all(r.ok for r in records)
+    assert {r.mode for r in records} == {"colocated", "disaggregated"}
     assert all(r.first_token_s >= r.arrival_s and r.finish_s >= r.first_token_s for r in records)
     for name in ("summary.csv", "cdf.png", "cdf.svg", "timeline.png", "provenance.json", "texts.json"):
         assert (out_dir / name).stat().st_size > 0, name
-    texts = json.loads((out_dir / "texts.json").read_text())["colocated"]
-    assert "Paris" in texts["req-0"]["answer"]
+    texts = json.loads((out_dir / "texts.json").read_text())
+    assert "Paris" in texts["colocated"]["req-0"]["answer"]
+    assert texts["disaggregated"] == texts["colocated"]
     report = capsys.readouterr().out
-    assert "ttft_p50_ms" in report and "Paris" in report
+    assert "ttft_p50_ms" in report and "Paris" in report and "disaggregated" in report
     provenance = json.loads((out_dir / "provenance.json").read_text())
     assert provenance["experiment"]["workload"]["num_requests"] == 6 and provenance["versions"]["torch"]
 
