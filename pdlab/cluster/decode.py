@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pdlab.cluster.args import parse_ports
 from pdlab.cluster.frontend import Frontend
@@ -41,6 +42,7 @@ log = logging.getLogger("pdlab.instance")
 class Transfer:
     peer: PrefillPeer
     deadline_s: float
+    dispatched_s: float = 0.0
 
 
 @dataclass
@@ -54,6 +56,7 @@ class PrefillPeer:
     busy_since_s: float | None = None  # when `outstanding` last rose from 0
     incarnation: str = ""
     last_ping_s: float = float("-inf")
+    monitor: zmq.Socket | None = None  # connect/disconnect events of `sock`
 
 
 class Decode(Frontend):
@@ -69,8 +72,9 @@ class Decode(Frontend):
             # Queue nothing for a prefill that is not connected: a restarted one must
             # never receive tasks its predecessor was given.
             sock.setsockopt(zmq.IMMEDIATE, 1)
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             sock.connect(instance.endpoint(port))
-            self.peers.append(PrefillPeer(f"prefill:{port}", sock))
+            self.peers.append(PrefillPeer(f"prefill:{port}", sock, monitor=monitor))
         self.dispatch = LeastLoaded()
         self.timeout_s = instance.args.transfer_timeout_s
         self.heartbeat_s = min(1.0, self.timeout_s / 4)
@@ -120,8 +124,10 @@ class Decode(Frontend):
     def on_peer(self, peer: PrefillPeer, message) -> None:
         if not isinstance(message, Pong):
             return
-        if peer.incarnation and message.incarnation != peer.incarnation:
-            self._lose_peer(peer, f"{peer.name} restarted")
+        if peer.incarnation and message.incarnation != peer.incarnation and peer.last_seen_s is not None:
+            # Tasks sent before the old process last answered went to it and are lost. (A lost
+            # connection has normally failed them already; later ones went to the new process.)
+            self._lose_peer(peer, f"{peer.name} restarted", sent_before_s=peer.last_seen_s)
         peer.incarnation = message.incarnation
         peer.last_seen_s = self.engine.clock()
 
@@ -156,6 +162,8 @@ class Decode(Frontend):
         self.scheduler.release(message.request_id)
 
     def on_abort(self, request_id: str) -> None:
+        if request_id in self.quarantine:  # already aborted; its blocks wait for the prefill
+            return
         request = self.scheduler.requests.get(request_id)
         if request is not None and request.status is RequestStatus.TRANSFERRING:
             self._cancel_transfer(request_id)
@@ -175,6 +183,8 @@ class Decode(Frontend):
                     request.keep_blocks_after_finish = False  # nothing was sent: nobody writes its blocks
                 self._end(request_id, f"no prefill instance accepted the task within {self.timeout_s:.1f} s")
         for peer in self.peers:
+            if self._disconnected(peer):
+                self._lose_peer(peer, f"{peer.name} closed its connection")
             if now_s - peer.last_ping_s >= self.heartbeat_s:
                 peer.last_ping_s = now_s
                 self._send(peer, Ping())
@@ -203,7 +213,7 @@ class Decode(Frontend):
                 if peer.outstanding == 0:
                     peer.busy_since_s = now_s
                 peer.outstanding += 1
-                self.transfers[request_id] = Transfer(peer, now_s + self.timeout_s)
+                self.transfers[request_id] = Transfer(peer, now_s + self.timeout_s, now_s)
                 return True
             loads[self.peers.index(peer)] = float("inf")
         return False
@@ -218,10 +228,20 @@ class Decode(Frontend):
     def _settle(self, transfer: Transfer) -> None:
         transfer.peer.outstanding -= 1
 
-    def _lose_peer(self, peer: PrefillPeer, why: str) -> None:
-        """Everything sent to `peer` is lost: end those requests; its writes have stopped with it."""
+    def _disconnected(self, peer: PrefillPeer) -> bool:
+        """Whether the connection to `peer` dropped since the last look (the process died or restarted)."""
+        dropped = False
+        while True:
+            try:
+                event = recv_monitor_message(peer.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return dropped
+            dropped |= event["event"] == zmq.EVENT_DISCONNECTED
+
+    def _lose_peer(self, peer: PrefillPeer, why: str, sent_before_s: float = float("inf")) -> None:
+        """Tasks sent to `peer` (before `sent_before_s`) are lost: end those requests; its writes stopped with it."""
         for request_id, transfer in list(self.transfers.items()):
-            if transfer.peer is peer:
+            if transfer.peer is peer and transfer.dispatched_s < sent_before_s:
                 del self.transfers[request_id]
                 self._settle(transfer)
                 request = self.scheduler.transferring.get(request_id)
@@ -229,11 +249,11 @@ class Decode(Frontend):
                     request.keep_blocks_after_finish = False
                 self._end(request_id, f"{why}; the request's KV never arrived")
         for request_id, transfer in list(self.quarantine.items()):
-            if transfer.peer is peer:
+            if transfer.peer is peer and transfer.dispatched_s < sent_before_s:
                 del self.quarantine[request_id]
                 self._settle(transfer)
                 self.scheduler.release(request_id)
-        peer.busy_since_s = None
+        peer.busy_since_s = None if peer.outstanding == 0 else self.engine.clock()
 
     def step(self) -> None:
         for out in self.engine.step():
@@ -242,6 +262,8 @@ class Decode(Frontend):
     def close(self) -> None:
         self.receiver.close()
         for peer in self.peers:
+            peer.sock.disable_monitor()
+            peer.monitor.close(linger=0)
             peer.sock.close(linger=0)
 
     # --- failure paths -------------------------------------------------------------------

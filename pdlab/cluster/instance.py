@@ -49,7 +49,9 @@ class Instance:
         config = engine_config(args)
         shm_path = None
         if self.role == "decode" and self.protocol == "ipc" and not _wants_cuda(config.device):
-            shm_path = f"/dev/shm/pdlab-kv-{os.getpid()}-{args.cache_queue_port}"
+            from pdlab.transfer.shm import shm_path as make_shm_path
+
+            shm_path = make_shm_path(f"{os.getpid()}-{args.cache_queue_port}")
         self.engine = LLMEngine(config, kv_cache_shm_path=shm_path)
         self.zmq = zmq.Context()
         self.ewq = self._bind(args.engine_worker_queue_port, "engine-worker-queue")
@@ -97,18 +99,20 @@ class Instance:
         poller = zmq.Poller()
         for sock in handlers:
             poller.register(sock, zmq.POLLIN)
-        while not self._stopping:
-            busy = self.engine.scheduler.has_work()
-            events = dict(poller.poll(0 if busy else 5))
-            for sock, handle in handlers.items():
-                if sock in events:
-                    self._drain(sock, handle, routed=sock.type == zmq.ROUTER)
-            self.handler.tick(self.engine.clock())
-            if self.engine.scheduler.has_work():
-                self.handler.step()
-        self.handler.close()
-        self.engine.kv_cache.close()
-        self.zmq.destroy(linger=0)
+        try:
+            while not self._stopping:
+                busy = self.engine.scheduler.has_work()
+                events = dict(poller.poll(0 if busy else 5))
+                for sock, handle in handlers.items():
+                    if sock in events:
+                        self._drain(sock, handle, routed=sock.type == zmq.ROUTER)
+                self.handler.tick(self.engine.clock())
+                if self.engine.scheduler.has_work():
+                    self.handler.step()
+        finally:
+            self.handler.close()
+            self.engine.kv_cache.close()
+            self.zmq.destroy(linger=0)
 
     def _drain(self, sock: zmq.Socket, handle, routed: bool) -> None:
         """Handle every queued message; a ROUTER's first frame is the sender's identity."""
@@ -133,6 +137,8 @@ class Instance:
                 handle(identity, message, rest)
             except PdlabError as e:
                 log.warning("%s: %s", self.instance_id, e)
+            except Exception:  # a bug in handling one message must not take the instance down
+                log.exception("%s: failed to handle %s", self.instance_id, type(message).__name__)
 
     def _on_ewq(self, identity: bytes, message, rest) -> None:
         if isinstance(message, Ping):

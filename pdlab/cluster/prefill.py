@@ -131,12 +131,12 @@ class Prefill(Role):
         if key not in self.senders:
             sock = self.instance.zmq.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(kv.cache_endpoint)
             try:
+                sock.connect(kv.cache_endpoint)
                 self.senders[key] = make_sender(kv.protocol, self.engine.kv_cache, kv, sock)
-            except (TransferError, ValueError):
+            except (TransferError, ValueError, zmq.ZMQError) as e:
                 sock.close(linger=0)
-                raise
+                raise TransferError(f"cannot send KV to {kv.instance_id} at {kv.cache_endpoint!r}: {e}") from None
         return self.senders[key]
 
     def _fail(self, request_id: str, error: str) -> None:
@@ -156,6 +156,11 @@ class Prefill(Role):
     def _send_failed(self, kv: KVDescriptor, request_id: str, error: str) -> None:
         sock = self.instance.zmq.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
-        sock.connect(kv.cache_endpoint)
-        sock.send(encode(PrefillFailed(request_id, error)))
-        sock.close()
+        try:
+            sock.connect(kv.cache_endpoint)
+            sock.send(encode(PrefillFailed(request_id, error)), zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("%s: cannot tell %s that %s failed (%s): %s", self.instance.instance_id, kv.cache_endpoint,
+                        request_id, e, error)
+        finally:
+            sock.close()

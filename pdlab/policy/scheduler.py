@@ -169,8 +169,11 @@ class Scheduler:
         return request
 
     def abort(self, request_id: str, now_s: float) -> Request | None:
-        if request_id in self.held:
-            return self.release(request_id)
+        """Finish an unfinished request with reason "abort"; None if unknown or finished.
+
+        A held request is already finished: its blocks wait for `release`, which
+        only the party that knows the transfer has stopped may call.
+        """
         return self.finish(request_id, "abort", now_s)
 
     # --- disaggregation -------------------------------------------------------------

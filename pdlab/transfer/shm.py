@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from pdlab.cluster.messages import KVDescriptor
@@ -10,12 +12,29 @@ from pdlab.transfer.base import KVReceiver, KVSender, TransferError
 from pdlab.transfer.tcp import DTYPES
 
 
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "pdlab-kv-"
+
+
+def shm_path(name: str) -> str:
+    """Where a decode instance keeps its shared-memory KV cache."""
+    return str(SHM_DIR / f"{SHM_PREFIX}{name}")
+
+
 class ShmSender(KVSender):
     def __init__(self, local: KVCache, dst: KVDescriptor, socket) -> None:
         super().__init__(local, dst, socket)
         if not dst.shm_name:
             raise TransferError(f"decode instance {dst.instance_id} offers no shared-memory KV cache for ipc")
         shape = (dst.num_layers, 2, dst.num_blocks, dst.block_size, dst.num_kv_heads, dst.head_dim)
+        # Map only an existing pdlab cache of exactly the described size: from_file would
+        # otherwise create or grow whatever file a message names.
+        path = Path(dst.shm_name)
+        expected = torch.Size(shape).numel() * local.kv.element_size()
+        if path.parent != SHM_DIR or not path.name.startswith(SHM_PREFIX) or not path.is_file():
+            raise TransferError(f"{dst.shm_name!r} is not a pdlab KV cache in {SHM_DIR}")
+        if path.stat().st_size != expected:
+            raise TransferError(f"{dst.shm_name} holds {path.stat().st_size} bytes; the descriptor says {expected}")
         try:
             self.remote = torch.from_file(dst.shm_name, shared=True, size=torch.Size(shape).numel(),
                                           dtype=DTYPES[dst.dtype]).view(shape)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from pdlab.cluster.messages import KVLayer, encode
-from pdlab.engine.kv_cache import KVCache
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError, gather_blocks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +35,8 @@ class TcpReceiver(KVReceiver):
         if len(payload) != kv.element_size() * torch.Size(expected).numel():
             raise TransferError(f"KV layer frame for {header.request_id}: {len(payload)} bytes, expected "
                                 f"{kv.element_size() * torch.Size(expected).numel()}")
-        blocks = torch.frombuffer(payload, dtype=torch.uint8).view(dtype).view(expected)
+        with warnings.catch_warnings():  # the frame is read-only; it is only read
+            warnings.simplefilter("ignore", UserWarning)
+            blocks = torch.frombuffer(payload, dtype=torch.uint8).view(dtype).view(expected)
         index = torch.tensor(header.dst_block_ids, dtype=torch.int64, device=kv.device)
         kv[header.layer].index_copy_(1, index, blocks.to(kv.device))

@@ -270,9 +270,11 @@ def test_decode_side_no_leak_fifo_reservation_and_everything_finishes(ops, chunk
             r = h.all_requests[a % len(h.all_requests)]
             held, unfinished = r.request_id in s.held, r.request_id in s.requests
             got = s.abort(r.request_id, h.now)
-            assert got is (r if held or unfinished else None)
+            assert got is (r if unfinished else None)
             if unfinished:
                 assert r.finish_reason == "abort"
+            if held:  # only `release` frees what a transfer may still use
+                assert s.held[r.request_id] is r
         elif op == "abort_held_transfer":
             h.abort_held_transfer(a)
         elif op == "release":
@@ -326,9 +328,9 @@ def test_prefill_side_holds_blocks_after_the_first_token_until_release(chunked):
     bm.check_invariants(s.live_requests())
     assert step(s, 9, 3.0).signature() == (("d", 0, 8),) and d.finish_reason == "length"
 
-    # Abort of a held request releases it and keeps its finish reason.
-    assert s.abort("b", 4.0) is b and "b" not in s.held and b.block_ids == [] and b.finish_reason == "stop"
-    assert s.abort("b", 4.0) is None
+    # Abort of a held request changes nothing: only `release` frees what a transfer may still use.
+    assert s.abort("b", 4.0) is None and s.held["b"] is b and b.block_ids and b.finish_reason == "stop"
+    assert s.release("b") is b and b.block_ids == []
     assert s.release("c") is c
     assert bm.num_free_blocks == 6 and not s.held
     bm.check_invariants(s.live_requests())
@@ -343,7 +345,8 @@ def test_prefill_side_abort_of_a_running_request_with_keep_blocks_holds_them():
     assert r.status is RequestStatus.RUNNING and len(r.block_ids) == 1
     assert s.abort("a", 2.0) is r and r.finish_reason == "abort" and s.held["a"] is r and len(r.block_ids) == 1
     s.block_manager.check_invariants(s.live_requests())
-    assert s.abort("a", 3.0) is r and r.block_ids == [] and s.block_manager.num_free_blocks == 8
+    assert s.abort("a", 3.0) is None and s.held["a"] is r  # a second abort frees nothing
+    assert s.release("a") is r and r.block_ids == [] and s.block_manager.num_free_blocks == 8
 
 
 # --- decode side: units --------------------------------------------------------------------
