@@ -58,7 +58,6 @@ class AttentionContext:
         return out
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        B, _, D = q.shape
         k = k_cache[self.decode_block_table].flatten(1, 2)  # [B, max_blocks * bs, H_kv, D]
         v = v_cache[self.decode_block_table].flatten(1, 2)
         positions = torch.arange(k.shape[1], device=q.device)
