@@ -14,6 +14,8 @@ def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     p = parser
     p.add_argument("--model", default="smollm2", help="a preset, a Hugging Face model directory, a .gguf file, or smollm2")
     p.add_argument("--splitwise-role", choices=ROLES, default="mixed", help="mixed (colocated), prefill or decode")
+    p.add_argument("--port", type=int, default=None, help="the OpenAI-compatible HTTP API's port (api_server)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (none: no metrics server)")
     p.add_argument("--engine-worker-queue-port", type=int, required=True, help="this instance's task port")
     p.add_argument("--cache-queue-port", type=int, required=True, help="this instance's KV transfer coordination port")
     p.add_argument("--innode-prefill-ports", default="",

@@ -89,6 +89,9 @@ class Instance:
             num_blocks=s.block_manager.num_blocks, num_free_blocks=s.block_manager.num_free_blocks,
             num_running=s.num_running, num_waiting=s.num_waiting + len(s.reserving) + len(s.transferring),
             num_held=len(s.held), incarnation=self.incarnation,
+            dtype=str(self.engine.dtype).removeprefix("torch."), device=str(self.engine.device),
+            block_size=s.block_manager.block_size, max_model_len=s.config.max_model_len,
+            vocab_size=self.engine.model_config.vocab_size,
         )
 
     def stop(self, *_) -> None:

@@ -149,6 +149,12 @@ class Pong(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     num_waiting: int  # waiting here, or for KV blocks / transfers on a decode instance
     num_held: int  # finished requests whose blocks a transfer still uses
     incarnation: str = ""  # changes when the process restarts: tasks sent before are lost
+    # What was loaded, for banners and request validation in front ends.
+    dtype: str = ""
+    device: str = ""
+    block_size: int = 0
+    max_model_len: int = 0
+    vocab_size: int = 0
 
 
 Message = (

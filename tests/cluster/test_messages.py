@@ -57,7 +57,8 @@ EXAMPLES = [
     RequestUpdate("req-9", new_token_ids=[3, 4], finished=True, finish_reason="stop", error="detokenizer: bad byte",
                   num_prompt_tokens=12, text="héllo ✓ 世界", logprobs=[{3: -0.1}, {4: -0.2, 9: -3.0}]),
     Pong("decode-1", role="decode", model="SmolLM2-135M", num_blocks=4096, num_free_blocks=4000, num_running=3,
-         num_waiting=2, num_held=1, incarnation="7f3a"),
+         num_waiting=2, num_held=1, incarnation="7f3a", dtype="bfloat16", device="cuda:0", block_size=16,
+         max_model_len=8192, vocab_size=49152),
 ]
 EXAMPLE = {type(m): m for m in EXAMPLES}
 
