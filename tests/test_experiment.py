@@ -44,7 +44,7 @@ def test_quickstart_loads_and_builds_its_workload():
     assert experiment.name == "quickstart" and experiment.seed == 0
     assert experiment.model.name == "smollm2"
     assert experiment.engine.enable_chunked_prefill
-    assert [run.mode for run in experiment.runs] == ["colocated"]
+    assert [run.mode for run in experiment.runs] == ["colocated", "disaggregated"]
     assert experiment.slo.ttft_s == 1.0 and experiment.slo.tpot_s == 0.2
     assert experiment.workload.text_prompts[0] == "What is the capital of France?"
     requests = make_workload(experiment.workload.to_spec(), 49_152, experiment.seed)

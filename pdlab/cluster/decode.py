@@ -143,6 +143,7 @@ class Decode(Frontend):
             self.scheduler.release(request_id)
             return
         request.keep_blocks_after_finish = False
+        self.metrics.on_kv_received(request.num_prompt_tokens, self.engine.clock() - transfer.dispatched_s)
         if message.logprobs is not None:
             self.engine.record_logprobs(request_id, message.logprobs)
         self.scheduler.complete_transfer(request_id, message.first_token_id, self.engine.clock())
@@ -158,6 +159,7 @@ class Decode(Frontend):
         if request is not None:
             # The prefill stopped writing before it said so: the blocks can go back at once.
             request.keep_blocks_after_finish = False
+            self.metrics.on_transfer_failed("prefill_failed")
             self._end(message.request_id, f"prefill failed: {message.error}")
         self.scheduler.release(message.request_id)
 
@@ -166,6 +168,7 @@ class Decode(Frontend):
             return
         request = self.scheduler.requests.get(request_id)
         if request is not None and request.status is RequestStatus.TRANSFERRING:
+            self.metrics.on_transfer_failed("aborted")
             self._cancel_transfer(request_id)
         super().on_abort(request_id)
 
@@ -181,6 +184,7 @@ class Decode(Frontend):
                 request = self.scheduler.transferring.get(request_id)
                 if request is not None:
                     request.keep_blocks_after_finish = False  # nothing was sent: nobody writes its blocks
+                self.metrics.on_transfer_failed("timeout")
                 self._end(request_id, f"no prefill instance accepted the task within {self.timeout_s:.1f} s")
         for peer in self.peers:
             if self._disconnected(peer):
@@ -247,6 +251,7 @@ class Decode(Frontend):
                 request = self.scheduler.transferring.get(request_id)
                 if request is not None:
                     request.keep_blocks_after_finish = False
+                self.metrics.on_transfer_failed("prefill_lost")
                 self._end(request_id, f"{why}; the request's KV never arrived")
         for request_id, transfer in list(self.quarantine.items()):
             if transfer.peer is peer and transfer.dispatched_s < sent_before_s:
@@ -269,6 +274,7 @@ class Decode(Frontend):
     # --- failure paths -------------------------------------------------------------------
 
     def _fail(self, request_id: str, error: str) -> None:
+        self.metrics.on_transfer_failed("prefill_failed")
         self._cancel_transfer(request_id)
         self._end(request_id, error)
 

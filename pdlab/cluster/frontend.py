@@ -23,6 +23,7 @@ class Role:
         self.instance = instance
         self.engine = instance.engine
         self.scheduler = instance.engine.scheduler
+        self.metrics = instance.metrics
 
     def on_ewq(self, identity: bytes, message) -> None:
         log.warning("%s: unexpected %s on the engine-worker-queue port", self.instance.instance_id, type(message).__name__)
@@ -95,6 +96,7 @@ class Frontend(Role):
         if not new and not out.finished:
             return
         self.num_sent[out.request_id] = len(out.token_ids)
+        self.metrics.on_output(out, len(new))
         logprobs = out.logprobs[sent:] if out.logprobs is not None else None
         self._reply(identity, RequestUpdate(
             out.request_id, new, out.finished, out.finish_reason, error or out.error, len(out.prompt_token_ids),

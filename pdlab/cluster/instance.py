@@ -22,6 +22,7 @@ import zmq
 
 from pdlab.cluster.args import add_instance_args, engine_config, parse_protocols
 from pdlab.cluster.messages import MessageError, Ping, Pong, decode, encode
+from pdlab.cluster.metrics import InstanceMetrics
 from pdlab.engine.engine import LLMEngine
 from pdlab.errors import ConfigError, PdlabError
 
@@ -46,6 +47,9 @@ class Instance:
         if not usable:
             raise ConfigError("rdma is not available in this build; add tcp to --cache-transfer-protocol")
         self.protocol = usable[0]
+        self.metrics = InstanceMetrics(self.role, self.instance_id)
+        if args.metrics_port is not None:  # before the model loads: a port in use fails at once
+            self.metrics.serve(args.metrics_port, self.host)
         config = engine_config(args)
         shm_path = None
         if self.role == "decode" and self.protocol == "ipc" and not _wants_cuda(config.device):
@@ -53,6 +57,7 @@ class Instance:
 
             shm_path = make_shm_path(f"{os.getpid()}-{args.cache_queue_port}")
         self.engine = LLMEngine(config, kv_cache_shm_path=shm_path)
+        self.metrics.watch(self.engine.scheduler, self.engine.kv_cache.num_bytes // self.engine.kv_cache.num_blocks)
         self.zmq = zmq.Context()
         self.ewq = self._bind(args.engine_worker_queue_port, "engine-worker-queue")
         self.cache = self._bind(args.cache_queue_port, "cache-queue")
@@ -114,6 +119,7 @@ class Instance:
                     self.handler.step()
         finally:
             self.handler.close()
+            self.metrics.close()
             self.engine.kv_cache.close()
             self.zmq.destroy(linger=0)
 

@@ -64,6 +64,7 @@ class Prefill(Role):
                 raise TransferError(f"{len(task.dst_block_ids)} destination blocks cannot hold {request.num_prompt_tokens} tokens")
         except (PdlabError, TransferError) as e:
             self._send_failed(task.kv, task.request_id, str(e))
+            self.metrics.on_transfer_failed("prefill_failed")
             return
         request.keep_blocks_after_finish = True
         self.targets[request.request_id] = Target(sender, list(task.dst_block_ids))
@@ -78,6 +79,7 @@ class Prefill(Role):
         self.engine.abort(request_id)
         self._release(request_id)
         self._send(target.sender, PrefillFailed(request_id, "aborted by the decode instance"))
+        self.metrics.on_transfer_failed("aborted")
 
     # --- the loop --------------------------------------------------------------------
 
@@ -97,7 +99,9 @@ class Prefill(Role):
                 continue
             logprobs = out.logprobs[0] if out.logprobs else None
             self._send(target.sender, PrefillDone(out.request_id, out.token_ids[0], logprobs, self.instance.instance_id))
-            target.ack_deadline_s = self.engine.clock() + self.timeout_s
+            now_s = self.engine.clock()
+            target.ack_deadline_s = now_s + self.timeout_s
+            self.metrics.on_prefill_done(out, now_s)
 
     def _push_layer(self, layer: int, batch: ScheduledBatch) -> None:
         bs = self.engine.block_manager.block_size
@@ -140,6 +144,7 @@ class Prefill(Role):
         return self.senders[key]
 
     def _fail(self, request_id: str, error: str) -> None:
+        self.metrics.on_transfer_failed("prefill_failed")
         target = self.targets.get(request_id)
         self.engine.abort(request_id)
         self._release(request_id)
