@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from pdlab.cluster.client import RemoteEngine
 from pdlab.cluster.deploy import Deployment
@@ -35,12 +34,7 @@ def generate(deployment: Deployment, prompts: list[list[int]], params: SamplingP
         engine = RemoteEngine(deployment.endpoint)
         for i, prompt in enumerate(prompts):
             engine.add_request(prompt, params, f"demo-{i}")
-        done = {}
-        deadline = time.monotonic() + 600
-        while engine.has_unfinished() and time.monotonic() < deadline:
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+        done = engine.drain(timeout_s=600)
         engine.close()
     errors = [o.error for o in done.values() if o.error]
     if errors or len(done) != len(prompts):

@@ -128,5 +128,15 @@ class RemoteEngine:
             touched[update.request_id] = out
         return list(touched.values())
 
+    def drain(self, timeout_s: float) -> dict[str, RequestOutput]:
+        """Step until every submitted request has finished or `timeout_s` passed; the finished outputs by id."""
+        done: dict[str, RequestOutput] = {}
+        deadline = time.monotonic() + timeout_s
+        while self.has_unfinished() and time.monotonic() < deadline:
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return done
+
     def close(self) -> None:
         self.client.close()

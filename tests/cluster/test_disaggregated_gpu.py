@@ -28,11 +28,7 @@ def serve(endpoint: str, prompts, params, stagger_s: float = 0.0) -> dict:
             for o in engine.step():
                 if o.finished:
                     outs[o.request_id] = o
-    deadline = time.monotonic() + 120
-    while engine.has_unfinished() and time.monotonic() < deadline:
-        for o in engine.step():
-            if o.finished:
-                outs[o.request_id] = o
+    outs.update(engine.drain(timeout_s=120))
     engine.close()
     return outs
 
