@@ -127,9 +127,10 @@ def main() -> None:
     from pdlab.provenance import provenance
 
     copy_Bps, peak_flops = copy_bandwidth_Bps(), matmul_flops()
+    torch.cuda.empty_cache()  # the engine sizes its KV cache from the memory free now
     batches = [int(b) for b in args.batches.split(",")]
     engine = LLMEngine(EngineConfig(model=args.model, dtype="bfloat16", device="cuda", max_num_seqs=max(batches),
-                                    max_num_batched_tokens=16384, max_model_len=16384, gpu_memory_utilization=0.8))
+                                    max_num_batched_tokens=8192, max_model_len=8448, gpu_memory_utilization=0.7))
     c = engine.model_config
     weight_bytes = (c.num_params() - c.vocab_size * c.hidden_size * (0 if c.tie_word_embeddings else 1)) * 2
     kv_bytes_per_token = c.kv_bytes_per_token(2)

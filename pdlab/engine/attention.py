@@ -71,10 +71,12 @@ class AttentionContext:
         blocks = torch.tensor(s.block_ids, device=q.device)
         k = k_cache[blocks].flatten(0, 1)[: s.seq_len]  # [S, H_kv, D]
         v = v_cache[blocks].flatten(0, 1)[: s.seq_len]
-        # Query i sits at position seq_len - q_len + i and sees keys up to there.
-        q_pos = torch.arange(s.seq_len - s.q_len, s.seq_len, device=q.device)
-        mask = torch.arange(s.seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, S]
+        if s.q_len == s.seq_len:  # a whole prompt: plain causal attention (lets SDPA pick a fused kernel)
+            mask, causal = None, True
+        else:  # a chunk after cached positions: query i sits at seq_len - q_len + i and sees keys up to there
+            q_pos = torch.arange(s.seq_len - s.q_len, s.seq_len, device=q.device)
+            mask, causal = torch.arange(s.seq_len, device=q.device)[None, :] <= q_pos[:, None], False  # [q_len, S]
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, is_causal=causal, enable_gqa=True
         )  # [H, q_len, D]
         return out.transpose(0, 1)
