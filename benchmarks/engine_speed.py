@@ -138,7 +138,7 @@ def main() -> None:
               "matmul_TFLOPs": peak_flops / 1e12, "kv_blocks": engine.block_manager.num_blocks, "decode": [], "prefill": []}
     for batch in batches:
         step_s = decode_steps(engine, batch, args.context)
-        floor_s = (weight_bytes + batch * args.context * kv_bytes_per_token) / (copy_Bps / 2)
+        floor_s = (weight_bytes + batch * args.context * kv_bytes_per_token) / copy_Bps
         row = {"batch": batch, "context": args.context, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
                "x_floor": step_s / floor_s, "tokens_per_s": batch / step_s, "floor_tokens_per_s": batch / floor_s}
         report["decode"].append(row)
