@@ -82,12 +82,16 @@ def ping(endpoint: str, timeout_s: float = 1.0, context: zmq.Context | None = No
 class RemoteEngine:
     """The engine interface of `backends.replay`, served by an instance process."""
 
-    def __init__(self, endpoint: str, clock: Callable[[], float] = time.monotonic, poll_s: float = 0.002) -> None:
+    def __init__(self, endpoint: str, clock: Callable[[], float] = time.monotonic, poll_s: float = 0.002,
+                 liveness_s: float = 5.0) -> None:
         self.client = Client(endpoint)
+        self.endpoint = endpoint
         self.clock = clock
         self.poll_s = poll_s
+        self.liveness_s = liveness_s  # silence after which the instance is pinged; no answer ends every request
         self.pending: dict[str, RequestOutput] = {}
         self._prefix = uuid.uuid4().hex[:8]
+        self._last_heard = time.monotonic()
 
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
                     arrival_time_s: float | None = None) -> str:
@@ -106,7 +110,14 @@ class RemoteEngine:
     def step(self) -> list[RequestOutput]:
         """Wait briefly for updates; return the outputs they advanced."""
         touched = {}
-        for update in self.client.recv(self.poll_s):
+        updates = self.client.recv(self.poll_s)
+        if updates or not self.pending:
+            self._last_heard = time.monotonic()
+        elif time.monotonic() - self._last_heard > self.liveness_s:
+            self._last_heard = time.monotonic()
+            if ping(self.endpoint, timeout_s=self.liveness_s) is None:
+                return self._fail_all(f"the instance at {self.endpoint} stopped answering")
+        for update in updates:
             out = self.pending.get(update.request_id)
             if out is None:
                 continue
@@ -127,6 +138,14 @@ class RemoteEngine:
                 del self.pending[update.request_id]
             touched[update.request_id] = out
         return list(touched.values())
+
+    def _fail_all(self, error: str) -> list[RequestOutput]:
+        now = self.clock()
+        outs = list(self.pending.values())
+        for out in outs:
+            out.finished, out.finish_reason, out.finish_time_s, out.error = True, "error", now, error
+        self.pending.clear()
+        return outs
 
     def drain(self, timeout_s: float) -> dict[str, RequestOutput]:
         """Step until every submitted request has finished or `timeout_s` passed; the finished outputs by id."""

@@ -456,3 +456,23 @@ def test_prefill_answers_tasks_it_cannot_serve_and_lives_on(tiny_pairs):
         sock.close()
         inbox.close()
     pair.wait_idle()
+
+
+def test_a_client_does_not_hang_when_its_instance_dies(tmp_path):
+    """RemoteEngine ends every pending request with an error once the instance stops answering."""
+    from pdlab.cluster.client import RemoteEngine
+    from pdlab.cluster.launch import start_instance
+    from pdlab.sampling_params import SamplingParams
+
+    mixed = start_instance("mixed", "tiny", tmp_path, extra_args=["--device", "cpu", "--max-model-len", "256"],
+                           env={"OMP_NUM_THREADS": "1"})
+    try:
+        mixed.wait_ready(120)
+        engine = RemoteEngine(mixed.endpoint, liveness_s=0.5)
+        engine.add_request([5] * 10, SamplingParams(max_tokens=200, ignore_eos=True), "x")
+        mixed.kill()
+        outs = engine.drain(timeout_s=30)
+        assert outs["x"].finish_reason == "error" and "stopped answering" in outs["x"].error
+        engine.close()
+    finally:
+        mixed.stop()
