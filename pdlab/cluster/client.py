@@ -83,12 +83,14 @@ class RemoteEngine:
     """The engine interface of `backends.replay`, served by an instance process."""
 
     def __init__(self, endpoint: str, clock: Callable[[], float] = time.monotonic, poll_s: float = 0.002,
-                 liveness_s: float = 5.0) -> None:
+                 liveness_s: float = 30.0) -> None:
         self.client = Client(endpoint)
         self.endpoint = endpoint
         self.clock = clock
         self.poll_s = poll_s
-        self.liveness_s = liveness_s  # silence after which the instance is pinged; no answer ends every request
+        # After this much silence the instance is pinged; no answer within as long again ends every request.
+        # (A busy instance answers between two steps; a step of many seconds is possible on a loaded CPU.)
+        self.liveness_s = liveness_s
         self.pending: dict[str, RequestOutput] = {}
         self._prefix = uuid.uuid4().hex[:8]
         self._last_heard = time.monotonic()
