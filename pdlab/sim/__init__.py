@@ -1,0 +1,16 @@
+"""The SimPy model: the shared scheduler, block manager and dispatch policies driven by a cost model.
+
+No torch anywhere in this package (a test proves it): a simulation runs on any laptop.
+"""
+
+from pdlab.sim.cluster import Layout, SimCluster
+from pdlab.sim.cost import GPUS, H100, CostModel, FixedCost, GpuSpec, MoeSpec, RooflineCost
+from pdlab.sim.instance import InstanceSpec
+from pdlab.sim.links import LINKS, Link, LinkSpec
+from pdlab.sim.profile_cost import ProfileCost
+from pdlab.sim.run import simulate, simulate_cluster
+
+__all__ = [
+    "GPUS", "H100", "LINKS", "CostModel", "FixedCost", "GpuSpec", "InstanceSpec", "Layout", "Link", "LinkSpec",
+    "MoeSpec", "ProfileCost", "RooflineCost", "SimCluster", "simulate", "simulate_cluster",
+]

@@ -1,0 +1,89 @@
+"""`ProfileCost`: step times interpolated from a table measured on the real engine (`python -m pdlab.profile`).
+
+The table has prefill rows (one prompt of `num_tokens` in one step) and
+decode rows (`num_seqs` sequences of `context_tokens` context, one token each).
+A batch is costed as:
+- prefill only: piecewise-linear in the step's batched tokens;
+- decode only: piecewise-linear in the number of sequences at each profiled
+  context, then linear between the two nearest contexts (by mean context);
+- mixed (chunked prefill): the larger of the two, with the decode tokens
+  counted among the prefill's batched tokens (a step is one forward pass).
+Beyond the table's ends both axes extrapolate linearly from the last two points
+(never below the smallest measured time).
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdlab.policy.scheduler import ScheduledBatch
+
+PROFILE_COLUMNS = ("phase", "num_seqs", "num_tokens", "context_tokens", "step_ms")
+
+
+def _interp(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise-linear through sorted (xs, ys); linear extrapolation past the ends."""
+    if len(xs) == 1:
+        return ys[0]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class ProfileCost:
+    prefill: tuple[tuple[int, float], ...]  # (batched tokens, seconds), sorted
+    decode: tuple[tuple[int, tuple[tuple[int, float], ...]], ...]  # (context, ((num seqs, seconds), ...)), sorted
+
+    def __post_init__(self) -> None:
+        if not self.prefill or not self.decode:
+            raise ValueError("a profile needs at least one prefill row and one decode row")
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> ProfileCost:
+        prefill: dict[int, float] = {}
+        decode: dict[int, dict[int, float]] = {}
+        for row in rows:
+            seconds = float(row["step_ms"]) / 1e3
+            if row["phase"] == "prefill":
+                prefill[int(row["num_tokens"])] = seconds
+            elif row["phase"] == "decode":
+                decode.setdefault(int(row["context_tokens"]), {})[int(row["num_seqs"])] = seconds
+            else:
+                raise ValueError(f"unknown phase {row['phase']!r} in a profile row")
+        return cls(tuple(sorted(prefill.items())),
+                   tuple((c, tuple(sorted(by_batch.items()))) for c, by_batch in sorted(decode.items())))
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> ProfileCost:
+        with Path(path).open(newline="") as f:
+            return cls.from_rows(list(csv.DictReader(f)))
+
+    def prefill_s(self, num_tokens: float) -> float:
+        xs, ys = zip(*self.prefill, strict=True)
+        return max(min(ys), _interp(list(xs), list(ys), num_tokens))
+
+    def decode_s(self, num_seqs: float, mean_context: float) -> float:
+        contexts = [c for c, _ in self.decode]
+        at = []
+        for _, table in self.decode:
+            xs, ys = zip(*table, strict=True)
+            at.append(max(min(ys), _interp(list(xs), list(ys), num_seqs)))
+        return max(min(at), _interp(contexts, at, mean_context))
+
+    def step_time_s(self, batch: ScheduledBatch) -> float:
+        num_decode = context = num_tokens = 0
+        for item in batch.items:
+            num_tokens += item.num_tokens
+            if item.phase == "decode":
+                num_decode += 1
+                context += item.start + 1
+        if num_decode == len(batch.items):
+            return self.decode_s(num_decode, context / num_decode)
+        prefill_s = self.prefill_s(num_tokens)
+        return prefill_s if num_decode == 0 else max(prefill_s, self.decode_s(num_decode, context / num_decode))

@@ -1,0 +1,38 @@
+"""The placement search: candidates stay within the budget, results rank by per-GPU goodput."""
+
+import pytest
+
+from pdlab.models.presets import PRESETS
+from pdlab.sim.placement import Candidate, PlacementProblem, candidates, goodput, search_placement
+from pdlab.workload import FixedLength, LognormalLength, PoissonArrivals, WorkloadSpec, make_workload
+
+
+def test_candidates_fit_the_budget():
+    cs = candidates(4, tps=(1, 2, 4))
+    assert all(1 <= c.num_gpus <= 4 for c in cs)
+    names = {c.name for c in cs}
+    assert {"4x mixed TP1", "1x mixed TP4", "2P(TP1)+2D(TP1)", "1P(TP2)+2D(TP1)", "3P(TP1)+1D(TP1)"} <= names
+    assert "1P(TP4)+1D(TP1)" not in names  # 5 GPUs
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = PRESETS["llama3-8b"]
+    spec = WorkloadSpec(120, PoissonArrivals(1.0), LognormalLength(512, 0.5, 16, 2048), FixedLength(32))
+    return PlacementProblem(model, make_workload(spec, model.vocab_size, seed=0), slo_ttft_s=0.1, slo_tpot_s=0.02)
+
+
+def test_goodput_meets_the_target_and_a_faster_rate_does_not(problem):
+    c = Candidate("colocated", num_instances=1, tp=1)
+    result = goodput(problem, c)
+    assert result.goodput_rps > 0 and result.attainment >= 0.9
+    assert problem.attainment(c, result.goodput_rps * 1.5) < 0.9
+
+
+def test_search_ranks_by_goodput_per_gpu(problem):
+    results = search_placement(problem, 2, tps=(1, 2))
+    assert len(results) == len(candidates(2, (1, 2)))
+    per_gpu = [r.per_gpu_goodput_rps for r in results]
+    assert per_gpu == sorted(per_gpu, reverse=True) and per_gpu[0] > 0
+    best, runner_up = results[:2]
+    assert best.candidate != runner_up.candidate

@@ -1,0 +1,20 @@
+import subprocess
+import sys
+
+
+def test_simulator_never_imports_torch():
+    # A fresh interpreter runs a whole simulation; torch must not be among the modules it loaded.
+    code = (
+        "import sys\n"
+        "import pdlab.sim, pdlab.sim.cost, pdlab.sim.links, pdlab.sim.instance, pdlab.sim.cluster, pdlab.sim.run\n"
+        "import pdlab.sim.placement, pdlab.sim.profile_cost\n"
+        "from pdlab.models.presets import PRESETS\n"
+        "from pdlab.policy.scheduler import SchedulerConfig\n"
+        "from pdlab.sim import InstanceSpec, Layout, RooflineCost, simulate\n"
+        "from pdlab.workload.workload import RequestSpec\n"
+        "layout = Layout(InstanceSpec(SchedulerConfig(), 100), mode='disaggregated', kv_bytes_per_token=1e5)\n"
+        "simulate([RequestSpec('a', 0.0, (5,) * 10, 3)], layout, RooflineCost(PRESETS['llama3-8b']))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
