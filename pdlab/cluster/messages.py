@@ -14,24 +14,26 @@ anything else with `MessageError`.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import msgspec
+
+from pdlab.sampling_params import SamplingParams
 
 
 class MessageError(ValueError):
     """Bytes that are not a valid control-plane message."""
 
 
-class SamplingMsg(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    logprobs: int | None = None
+def _sampling_struct() -> type[msgspec.Struct]:
+    """`SamplingParams`' wire form: the same fields, types and defaults, declared once (in sampling_params.py)."""
+    hints = typing.get_type_hints(SamplingParams)
+    fields = [(f.name, hints[f.name], f.default) for f in dataclasses.fields(SamplingParams)]
+    return msgspec.defstruct("SamplingMsg", fields, frozen=True, forbid_unknown_fields=True, module=__name__)
+
+
+SamplingMsg = _sampling_struct()
 
 
 class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -178,14 +180,12 @@ def decode(data: bytes) -> Message:
         raise MessageError(f"malformed control message ({len(data)} bytes): {e}") from None
 
 
-def sampling_to_msg(params) -> SamplingMsg:
+def sampling_to_msg(params: SamplingParams) -> SamplingMsg:
     """`SamplingParams` -> its wire form (same field names)."""
     return SamplingMsg(**{f: getattr(params, f) for f in SamplingMsg.__struct_fields__})
 
 
-def sampling_from_msg(msg: SamplingMsg, **changes):
+def sampling_from_msg(msg: SamplingMsg, **changes) -> SamplingParams:
     """The wire form -> `SamplingParams`, validated (raises InvalidRequestError naming the field)."""
-    from pdlab.sampling_params import SamplingParams
-
     fields = {f: getattr(msg, f) for f in SamplingMsg.__struct_fields__}
     return SamplingParams(**{**fields, **changes})
