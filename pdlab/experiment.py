@@ -253,6 +253,10 @@ class RunSection(_Section):
     mode: Literal["colocated", "disaggregated"] = "colocated"
     transfer_protocol: Literal["tcp", "ipc"] = "ipc"  # disaggregated: how the KV moves (FastDeploy's default: ipc)
     num_prefill: PositiveInt = 1  # disaggregated: prefill instances behind the decode instance
+    # real: instance processes on this machine; sim: the SimPy model with an analytical cost model.
+    backend: Literal["real", "sim"] = "real"
+    gpu: Literal["h100"] = "h100"  # sim: the GPU the roofline cost model assumes
+    link: Literal["nvlink", "pcie", "rdma", "ideal"] = "nvlink"  # sim, disaggregated: the KV link
 
 
 class SloSection(_Section):

@@ -74,6 +74,32 @@ def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | N
     return RunResult(run, records, _summarize(exp, records), texts)
 
 
+def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> RunResult:
+    """Serve the same request list in the SimPy model: the real scheduler, a roofline cost per step."""
+    from pdlab.models.source import resolve_model
+    from pdlab.policy.scheduler import SchedulerConfig
+    from pdlab.sim import GPUS, LINKS, InstanceSpec, Layout, RooflineCost, simulate
+
+    source = resolve_model(exp.model.name)
+    model = source.config
+    requests = build_requests(exp, source.load_tokenizer())
+    e = exp.engine
+    cost = RooflineCost(model, GPUS[run.gpu], kv_bytes=2)
+    max_model_len = e.max_model_len or min(model.max_position_embeddings, 8192)
+    try:
+        scheduler = SchedulerConfig(
+            max_num_seqs=e.max_num_seqs,
+            max_num_batched_tokens=e.max_num_batched_tokens or (2048 if e.enable_chunked_prefill else max_model_len),
+            enable_chunked_prefill=e.enable_chunked_prefill, max_model_len=max_model_len)
+    except ValueError as err:
+        raise PdlabError(f"engine: {err}") from None
+    num_blocks = e.num_blocks or cost.max_num_blocks(e.block_size, e.gpu_memory_utilization)
+    layout = Layout(InstanceSpec(scheduler, num_blocks, e.block_size), mode=run.mode, num_prefill=run.num_prefill,
+                    link=LINKS[run.link], kv_bytes_per_token=model.kv_bytes_per_token(2), num_layers=model.num_layers)
+    records = [replace(r, mode=run.mode) for r in simulate(requests, layout, cost, seed=exp.seed)]
+    return RunResult(run, records, _summarize(exp, records))
+
+
 def build_requests(exp: Experiment, tokenizer) -> list[RequestSpec]:
     """The experiment's requests; identical for every run of the experiment (same seed)."""
     from pdlab.models.tokenizer import encode_chat
@@ -102,7 +128,8 @@ def _summarize(exp: Experiment, records: list[RequestRecord]) -> dict:
 def run_experiment(exp: Experiment, progress: bool = True, write: bool = True) -> ExperimentResult:
     out_dir = exp.output_dir / exp.name if write else None
     log_dir = out_dir / "logs" if out_dir is not None else None
-    runs = {run.name: run_real(exp, run, progress, log_dir) for run in exp.runs}
+    backends = {"real": run_real, "sim": run_sim}
+    runs = {run.name: backends[run.backend](exp, run, progress, log_dir) for run in exp.runs}
     result = ExperimentResult(exp, runs, out_dir)
     if write:
         write_results(result)

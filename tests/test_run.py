@@ -80,3 +80,28 @@ def test_prompt_longer_than_the_context_is_refused(tmp_path):
     result = cli(str(write(tmp_path, text)), "--output-dir", str(tmp_path))
     assert result.returncode == 2
     assert "max_model_len (64)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sim_backend_runs_the_same_request_list(tmp_path, capsys):
+    text = """
+name: simcheck
+model: llama3-8b
+engine: {max_num_seqs: 32, max_num_batched_tokens: 2048, max_model_len: 4096}
+workload:
+  num_requests: 40
+  arrival: {kind: poisson, rate_rps: 8}
+  prompt_len: {kind: uniform, min_tokens: 64, max_tokens: 1024}
+  output_len: {kind: fixed, tokens: 32}
+runs:
+  - {name: colocated, mode: colocated, backend: sim}
+  - {name: 1p1d, mode: disaggregated, backend: sim, link: nvlink}
+slo: {ttft_ms: 500, tpot_ms: 50}
+"""
+    assert main([str(write(tmp_path, text)), "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    records = read_records_csv(tmp_path / "simcheck" / "records.csv")
+    assert len(records) == 80 and all(r.ok and r.backend == "sim" for r in records)
+    by_mode = {m: sorted((r.request_id, r.arrival_s, r.num_prompt_tokens) for r in records if r.mode == m)
+               for m in ("colocated", "disaggregated")}
+    assert by_mode["colocated"] == by_mode["disaggregated"]  # the same requests, arriving at the same times
+    assert all(r.num_output_tokens == 32 for r in records)
+    assert "1p1d" in capsys.readouterr().out
