@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pdlab.sampling_params import SamplingParams
 
@@ -74,6 +75,6 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     @property
-    def phase(self) -> str:
+    def phase(self) -> Literal["prefill", "decode"]:
         """'prefill' while known tokens are uncomputed beyond the last one, else 'decode'."""
         return "prefill" if self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0 else "decode"

@@ -7,9 +7,8 @@ import warnings
 import torch
 
 from pdlab.cluster.messages import KVLayer, encode
+from pdlab.models.load import DTYPES
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError, gather_blocks
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TcpSender(KVSender):
