@@ -73,6 +73,7 @@ class EngineSection(_Section):
     max_num_batched_tokens: PositiveInt | None = None
     enable_chunked_prefill: bool = True
     max_model_len: PositiveInt | None = None
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
 
 
 # Arrival processes, tagged by `kind`.
@@ -313,7 +314,7 @@ class Experiment(_Section):
         e = self.engine
         flags = ["--dtype", self.model.dtype, "--device", self.model.device, "--seed", str(self.seed),
                  "--block-size", str(e.block_size), "--gpu-memory-utilization", str(e.gpu_memory_utilization),
-                 "--max-num-seqs", str(e.max_num_seqs),
+                 "--max-num-seqs", str(e.max_num_seqs), "--attention-backend", e.attention_backend,
                  "--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill"]
         optional = {"--num-gpu-blocks": e.num_blocks, "--kv-cache-memory-bytes": e.kv_cache_memory_bytes,
                     "--max-num-batched-tokens": e.max_num_batched_tokens, "--max-model-len": e.max_model_len}

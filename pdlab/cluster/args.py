@@ -40,6 +40,8 @@ def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=d.enable_chunked_prefill)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--attention-backend", default=d.attention_backend, choices=("auto", "torch", "triton"),
+                   help="auto: the Triton kernels on CUDA, PyTorch elsewhere")
     return p
 
 
@@ -49,6 +51,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, max_model_len=args.max_model_len, seed=args.seed,
+        attention_backend=args.attention_backend,
     )
 
 

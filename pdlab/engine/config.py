@@ -22,3 +22,4 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None  # the model's context, capped at 8192
     seed: int = 0
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere; or "torch", "triton"

@@ -59,7 +59,7 @@ class LLMEngine:
         self.kv_cache = KVCache(model_config, num_blocks, config.block_size, self.dtype, self.device, kv_cache_shm_path)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
-        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.runner = ModelRunner(self.model, self.kv_cache, config.attention_backend)
         self._seeds = random.Random(config.seed)
         self._next_id = 0
         self._logprobs: dict[str, list[dict[int, float]]] = {}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdlab.engine.attention import AttentionContext, SeqSlice
+from pdlab.engine.attention import AttentionContext, SeqSlice, copy_to_device, resolve_attention_backend
 from pdlab.engine.kv_cache import KVCache
 from pdlab.engine.sampler import sample
 from pdlab.models.transformer import Transformer
@@ -22,11 +22,13 @@ KVWrittenHook = Callable[[int, ScheduledBatch], None]
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, kv_cache: KVCache) -> None:
+    def __init__(self, model: Transformer, kv_cache: KVCache, attention_backend: str = "auto") -> None:
+        """`attention_backend`: "auto" (triton on CUDA, torch elsewhere), "torch" or "triton"; ConfigError otherwise."""
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = model.device
+        self.attention_backend = resolve_attention_backend(attention_backend, self.device)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, list[int]]:
         """Flatten the batch: (input_ids [T], positions [T], context, rows of T to sample from)."""
@@ -52,21 +54,11 @@ class ModelRunner:
             if item.sample:
                 sample_rows.append(len(input_ids) - 1)
 
-        decodes = [s for s in seqs if s.q_len == 1]
-        max_blocks = max((len(s.block_ids) for s in decodes), default=0)
-        table = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in decodes]
-        dev = self.device
-        ctx = AttentionContext(
-            kv_cache=self.kv_cache,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            seqs=seqs,
-            decode_rows=torch.tensor([s.q_start for s in decodes], dtype=torch.int64, device=dev),
-            decode_block_table=torch.tensor(table, dtype=torch.int64, device=dev).view(len(decodes), max_blocks),
-            decode_seq_lens=torch.tensor([s.seq_len for s in decodes], dtype=torch.int64, device=dev),
-            prefill_seqs=[s for s in seqs if s.q_len > 1],
-        )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        # One host-to-device copy for the int64 inputs, one (inside `build`) for the attention metadata.
+        T = len(input_ids)
+        flat = copy_to_device(torch.tensor(input_ids + positions + slots, dtype=torch.int64), self.device)
+        ids, pos, slot_mapping = flat.split([T, T, T])
+        ctx = AttentionContext.build(self.kv_cache, seqs, slot_mapping, self.attention_backend)
         return ids, pos, ctx, sample_rows
 
     @torch.inference_mode()
