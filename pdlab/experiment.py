@@ -60,6 +60,7 @@ class ModelSection(_Section):
     name: str = "smollm2"  # a preset, a Hugging Face model directory or a GGUF file
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    quantization: Literal["wint8", "wint4"] | None = None  # weight-only, of the linears
 
 
 class EngineSection(_Section):
@@ -317,7 +318,8 @@ class Experiment(_Section):
                  "--max-num-seqs", str(e.max_num_seqs), "--attention-backend", e.attention_backend,
                  "--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill"]
         optional = {"--num-gpu-blocks": e.num_blocks, "--kv-cache-memory-bytes": e.kv_cache_memory_bytes,
-                    "--max-num-batched-tokens": e.max_num_batched_tokens, "--max-model-len": e.max_model_len}
+                    "--max-num-batched-tokens": e.max_num_batched_tokens, "--max-model-len": e.max_model_len,
+                    "--quantization": self.model.quantization}
         for flag, value in optional.items():
             if value is not None:
                 flags += [flag, str(value)]
@@ -329,6 +331,7 @@ class Experiment(_Section):
             "model": self.model.name,
             "dtype": self.model.dtype,
             "device": self.model.device,
+            "quantization": self.model.quantization,
             "seed": self.seed,
             **self.engine.model_dump(),
         }

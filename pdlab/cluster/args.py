@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pdlab.engine.config import EngineConfig
+from pdlab.engine.config import QUANTIZATIONS, EngineConfig
 from pdlab.transfer import PROTOCOLS
 
 ROLES = ("mixed", "prefill", "decode")
@@ -23,7 +23,8 @@ def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--cache-transfer-protocol", default="ipc",
                    help=f"KV transfer protocol(s), comma-separated, first usable wins: {', '.join(PROTOCOLS)}")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--quantization", default=None, help="weight-only quantization (wint8, wint4)")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="weight-only quantization of the linears (default none)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default loopback only)")
     p.add_argument("--instance-id", default=None, help="a name for logs and metrics (default role:port)")
     p.add_argument("--transfer-timeout-s", type=float, default=30.0,
@@ -51,7 +52,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, max_model_len=args.max_model_len, seed=args.seed,
-        attention_backend=args.attention_backend,
+        quantization=args.quantization, attention_backend=args.attention_backend,
     )
 
 

@@ -37,8 +37,6 @@ class Instance:
         self.instance_id = args.instance_id or f"{self.role}:{args.engine_worker_queue_port}"
         if args.tensor_parallel_size != 1:
             raise ConfigError("--tensor-parallel-size > 1 is not supported yet by this engine")
-        if args.quantization:
-            raise ConfigError(f"--quantization {args.quantization} is not supported yet by this engine")
         try:
             protocols = parse_protocols(args.cache_transfer_protocol)
         except ValueError as e:

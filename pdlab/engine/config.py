@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Weight-only quantization methods (pdlab/models/quant.py's METHODS; a test keeps the two equal).
+# Named here too so that flags and configs validate without importing torch.
+QUANTIZATIONS = ("wint8", "wint4")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -22,4 +26,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None  # the model's context, capped at 8192
     seed: int = 0
+    # Weight-only quantization of the transformer's linears: None, "wint8" or "wint4" (FastDeploy's
+    # --quantization); the embedding, lm_head and norms stay in `dtype`. Anything else is a
+    # ConfigError when the engine loads the model (pdlab.models.load.load_model).
+    quantization: str | None = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere; or "torch", "triton"

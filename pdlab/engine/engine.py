@@ -41,7 +41,7 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = self.source.load_tokenizer()
-        self.model = load_model(self.source, self.dtype, self.device, seed=config.seed)
+        self.model = load_model(self.source, self.dtype, self.device, config.seed, config.quantization)
         self.model_config = model_config
 
         max_model_len = config.max_model_len or min(model_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)

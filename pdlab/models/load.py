@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pdlab.errors import ConfigError
+from pdlab.models.quant import QuantizationError, quant_method
 from pdlab.models.source import ModelSource
 from pdlab.models.transformer import Transformer
 
@@ -20,17 +22,46 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        from pdlab.errors import ConfigError
-
         raise ConfigError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Transformer:
-    """Weights from the source's files, or random ones (seeded) for a preset."""
-    model = Transformer(source.config, dtype=dtype, device=device)
-    if source.kind == "preset":
-        model.init_random(seed)
-    else:
-        model.load_weights(source.iter_weights())
+def load_model(
+    source: ModelSource, dtype: torch.dtype, device: torch.device, seed: int = 0, quantization: str | None = None
+) -> Transformer:
+    """Weights from the source's files, or random ones (seeded) for a preset; optionally quantized.
+
+    `quantization` ("wint8", "wint4"; pdlab/models/quant.py) quantizes the
+    layers' linears. Peak memory while loading:
+    - a preset is built on the meta device and each layer is drawn and
+      quantized before the next is allocated: the quantized model plus one
+      layer in `dtype` (e.g. 0.44 GB for llama3-8b in bf16);
+    - a checkpoint is loaded whole in `dtype`, then quantized layer by layer
+      (its tensors come in file order, not layer order): the unquantized model
+      plus one layer's quantized copy and ~64 MiB of temporaries.
+    On CUDA the freed memory is then returned to the driver, so that the
+    engine, which sizes the KV cache from `torch.cuda.mem_get_info` after
+    loading, counts only what the quantized model holds (plus whatever the
+    caching allocator cannot release: a conservative error).
+
+    Raises ConfigError for an unknown method or a layer whose shape it cannot
+    take (naming the layer).
+    """
+    method = None if quantization is None else quant_method(quantization)
+    try:
+        if source.kind == "preset" and method is not None:
+            model = Transformer(source.config, dtype=dtype, device="meta")
+            model.init_random(seed, quantization=method, device=device)
+        else:
+            model = Transformer(source.config, dtype=dtype, device=device)
+            if source.kind == "preset":
+                model.init_random(seed)
+            else:
+                model.load_weights(source.iter_weights())
+            if method is not None:
+                model.quantize_(method)
+    except QuantizationError as e:
+        raise ConfigError(f"quantization {quantization!r} does not fit {source.config.name}: {e}") from None
+    if method is not None and device.type == "cuda":
+        torch.cuda.empty_cache()
     return model.eval()

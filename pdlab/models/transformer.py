@@ -6,6 +6,11 @@ matmuls; `load_weights` takes Hugging Face names and fills the right slice.
 Attention over the paged KV cache is delegated to `ctx.attention` (see
 pdlab/engine/attention.py), so a faster kernel slots in without touching this
 file.
+
+The four linears of a layer (qkv_proj, o_proj, gate_up_proj, down_proj) go
+through `pdlab.models.quant.linear`, so each may be a plain Parameter or a
+`QuantizedWeight` (wint8/wint4, `Transformer.quantize_`); the embedding table,
+lm_head, norms and biases are never quantized.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdlab.models.config import ModelConfig, RopeScaling
+from pdlab.models.quant import QuantMethod, QuantizedWeight, linear, quantize
 
 if TYPE_CHECKING:
     from pdlab.engine.attention import AttentionContext
@@ -59,6 +65,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+# The weights `quantize_` replaces; everything else keeps the model dtype.
+QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -80,7 +90,7 @@ class DecoderLayer(nn.Module):
         c = self.config
         T = x.shape[0]
         h = rms_norm(x, self.input_layernorm, c.rms_norm_eps)  # [T, hidden]
-        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)  # [T, q_size + 2 * kv_size]
+        qkv = linear(h, self.qkv_proj, self.qkv_bias)  # [T, q_size + 2 * kv_size]
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(T, c.num_heads, c.head_dim)
         k = k.view(T, c.num_kv_heads, c.head_dim)
@@ -90,10 +100,32 @@ class DecoderLayer(nn.Module):
             k = rms_norm(k, self.k_norm, c.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = ctx.attention(self.layer_idx, q, k, v)  # [T, num_heads, head_dim]
-        x = x + F.linear(attn.reshape(T, c.q_size), self.o_proj)
+        x = x + linear(attn.reshape(T, c.q_size), self.o_proj)
         h = rms_norm(x, self.post_attention_layernorm, c.rms_norm_eps)
-        gate, up = F.linear(h, self.gate_up_proj).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_proj)
+        gate, up = linear(h, self.gate_up_proj).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, self.down_proj)
+
+    @torch.no_grad()
+    def quantize_(self, method: QuantMethod) -> None:
+        """Replace this layer's linear weights by `QuantizedWeight`s (buffers of a submodule each).
+
+        All four are quantized before any Parameter is dropped: the quantized
+        tensors are allocated while the layer's own matrices are still held,
+        so on CUDA they cannot be carved out of (and pin) this layer's blocks,
+        which the caching allocator may then reuse whole or release. Extra
+        memory: one layer's quantized copy plus ~64 MiB of fp32 temporaries.
+        QuantizationError naming the weight (`layers.3.down_proj`) when a
+        shape does not fit the method; the layer is then left as it was.
+        """
+        quantized = {}
+        for name in QUANTIZED_LINEARS:
+            weight = getattr(self, name)
+            if isinstance(weight, QuantizedWeight):
+                raise ValueError(f"layers.{self.layer_idx}.{name} is already quantized ({weight.method.name})")
+            quantized[name] = quantize(weight.detach(), method, layer=f"layers.{self.layer_idx}.{name}")
+        for name, q in quantized.items():
+            delattr(self, name)  # the Parameter goes; the QuantizedWeight registers as a submodule
+            setattr(self, name, q)
 
 
 # Hugging Face name suffix -> (our parameter, shard index into the merged matrix or None).
@@ -161,6 +193,8 @@ class Transformer(nn.Module):
             param, attr, shard = self._target(name)
             if param is None:
                 continue
+            if isinstance(param, QuantizedWeight):
+                raise ValueError(f"weight {name}: the model is already quantized; load weights before quantize_")
             dest = param if shard is None else self._shard(param, attr, shard)
             if dest.shape != tensor.shape:
                 raise ValueError(f"weight {name}: shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
@@ -204,13 +238,58 @@ class Transformer(nn.Module):
         return [None]
 
     @torch.no_grad()
-    def init_random(self, seed: int, std: float = 0.02) -> None:
-        """Random weights for presets: normal(0, std) matrices, unit norms, zero biases."""
+    def init_random(self, seed: int, std: float = 0.02, quantization: QuantMethod | None = None,
+                    device: str | torch.device | None = None) -> None:
+        """Random weights for presets: normal(0, std) matrices, unit norms, zero biases.
+
+        One seeded generator draws every matrix in parameter order (the
+        model's own tensors, then layer by layer), so a quantized model is the
+        quantization of the very weights the unquantized one gets. With
+        `quantization`, each layer is quantized right after its draw. A model
+        built on the meta device is materialized on `device` one layer at a
+        time, so its peak is the quantized model plus one layer in the model
+        dtype.
+        """
+        if self.device.type == "meta":
+            if device is None:
+                raise ValueError("a model on the meta device needs the device to materialize it on")
+            self.to_empty(device=device, recurse=False)  # embedding, final norm, lm_head
+            self.inv_freq = rope_inv_freq(self.config).to(device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        for name, param in self.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, std, generator=generator)
-            elif name.endswith("bias"):
-                param.zero_()
-            else:
-                param.fill_(1.0)
+        _fill_random(self.named_parameters(recurse=False), generator, std)
+        for layer in self.layers:
+            if layer.qkv_proj.device.type == "meta":
+                layer.to_empty(device=self.device)
+            _fill_random(layer.named_parameters(), generator, std)
+            if quantization is not None:
+                layer.quantize_(quantization)
+
+    @torch.no_grad()
+    def quantize_(self, method: QuantMethod) -> None:
+        """Quantize every layer's linears in place, layer by layer (see `DecoderLayer.quantize_`).
+
+        Each layer's matrices are freed once it is quantized, so the peak is
+        the unquantized model plus one layer's quantized copy. The embedding,
+        lm_head and norms stay as they are.
+        """
+        for layer in self.layers:
+            layer.quantize_(method)
+
+    def linear_weight_bytes(self) -> int:
+        """Bytes held by the layers' linear weights (quantized or not): what quantization shrinks."""
+        total = 0
+        for layer in self.layers:
+            for name in QUANTIZED_LINEARS:
+                w = getattr(layer, name)
+                total += w.nbytes if isinstance(w, QuantizedWeight) else w.numel() * w.element_size()
+        return total
+
+
+def _fill_random(params: Iterable[tuple[str, nn.Parameter]], generator: torch.Generator, std: float) -> None:
+    for name, param in params:
+        if param.dim() >= 2:
+            param.normal_(0.0, std, generator=generator)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.fill_(1.0)

@@ -85,10 +85,16 @@ def test_a_taken_http_port_exits_2_naming_it(servers):
     assert not list(server.log_dir.glob("mixed-*.log")), "no instance should start"
 
 
-@pytest.mark.parametrize("flag,value", [("--quantization", "wint4"), ("--tensor-parallel-size", "4")])
+@pytest.mark.parametrize("flag,value", [("--tensor-parallel-size", "4")])
 def test_flags_the_engine_does_not_support_yet_exit_2_with_the_instance_log(servers, flag, value):
     server = servers.start("mixed", "tiny", [*ENGINE_ARGS, flag, value])
     assert_one_clear_error(server, "exited with code 2", flag, "not supported yet")
+
+
+def test_a_quantization_the_model_cannot_take_exits_2_naming_the_layer(servers):
+    # SmolLM2-135M's hidden size (576) is not a multiple of wint4's group of 128.
+    server = servers.start("mixed", "smollm2-135m", [*ENGINE_ARGS, "--quantization", "wint4"])
+    assert_one_clear_error(server, "exited with code 2", "wint4", "group size 128")
 
 
 def test_an_unknown_model_exits_2(servers):
