@@ -40,7 +40,7 @@ class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where and how a decode instance receives KV: enough for a prefill instance to push to it."""
 
     instance_id: str
-    protocol: str  # "tcp", "ipc"
+    protocol: str  # "tcp", "ipc", "rdma"
     cache_endpoint: str  # zmq address of the decode instance's cache-queue port
     # The decode cache's layout; the prefill side checks it matches its own.
     num_layers: int
@@ -60,6 +60,9 @@ class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # ipc on CPUs: the shared-memory file that holds the cache.
     shm_name: str = ""
     host: str = ""
+    # rdma: "host:port" of the decode instance's rdma comm port (one per GPU), where a prefill
+    # sets up its queue pair and learns the cache's memory region (pdlab/transfer/rdma.py).
+    rdma_endpoint: str = ""
 
 
 # --- engine-worker-queue port --------------------------------------------------------

@@ -85,6 +85,10 @@ class KVReceiver(ABC):
     def write_layer(self, header: KVLayer, payload: memoryview) -> None:
         raise TransferError(f"{type(self).__name__} does not receive KV over the control socket")
 
+    def commit(self, block_ids: list[int]) -> None:
+        """A request's KV has landed (its `PrefillDone` came): make `block_ids` readable by the engine.
+        Called before the request runs; a no-op for transports that write the cache itself."""
+
     def close(self) -> None:
         pass
 

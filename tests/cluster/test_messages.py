@@ -43,6 +43,7 @@ KV = KVDescriptor(
     instance_id="decode-1", protocol="ipc", cache_endpoint="tcp://10.0.0.2:5601", num_layers=30, num_blocks=4096,
     block_size=16, num_kv_heads=3, head_dim=64, dtype="bfloat16", ipc_handle=bytes(range(64)), ipc_offset=4096,
     ipc_pid=31337, ipc_ptr=0x7F00_0000_1000, ipc_device=1, shm_name="/pdlab-kv-decode-1", host="10.0.0.2",
+    rdma_endpoint="10.0.0.2:7671",
 )
 EXAMPLES = [
     GenerateRequest("req-1", [1, 2, 3, 50_000], SAMPLING),

@@ -1,0 +1,531 @@
+"""`rdma` between machines: one-sided RDMA WRITEs into the decode instance's KV cache (pyverbs).
+
+FastDeploy's kvcache_transfer, in Python (the start-up check and the set-up messages: rdma_setup.py):
+- The decode instance (`RdmaReceiver`) opens its NIC (`KVCACHE_RDMA_NICS`, the
+  one at `gpu_index % len(nics)`), registers its KV cache with LOCAL_WRITE |
+  REMOTE_WRITE and listens on its rdma comm port (`--rdma-comm-ports`, one per
+  GPU) for queue-pair set-up.
+- Set-up goes over a plain TCP connection to that port: the prefill instance
+  (`RdmaSender`) sends its RC queue pair (`RdmaHello`) and gets the receiver's
+  queue pair and memory region back (`RdmaWelcome`); both move their QP
+  INIT -> RTR -> RTS. Length-prefixed msgspec structs, never pickle. TCP, not
+  the zmq control plane: the exchange is a synchronous request/reply that a
+  listener thread answers while the decode loop is busy, it needs no change to
+  the instance's sockets, and it is the port FastDeploy already has. The
+  connection then stays open and idle: when it closes, the receiver destroys
+  that QP.
+- `send_layer` posts one RDMA WRITE per run of blocks contiguous on both sides,
+  for K and for V, chained (at most MAX_CHAIN per post), only the last one
+  signalled. `flush` polls the CQ until every signalled WR has completed and
+  raises TransferError on an error completion; the QP is then dropped and the
+  next `send_layer` sets up a new one.
+- Completion reaches the decode side through the control plane, as for the
+  other transports: the prefill sends `PrefillDone` after `flush` (no WRITE
+  with immediate data, which would need posted receives and a thread polling
+  the decode side's CQ). When the target is GPU memory, `flush` ends with an
+  8-byte RDMA READ over the same QP, so that the remote NIC's writes have
+  reached GPU memory before it returns (FastDeploy's KVCACHE_GDRCOPY_FLUSH_ENABLE).
+- A CUDA cache is registered directly when GPUDirect RDMA works (registering
+  the CUDA pointer succeeds: nvidia-peermem is loaded). Otherwise it is staged
+  through pinned host memory: the sender gathers each layer's blocks into a
+  registered ring of STAGING_BYTES and writes from there; the receiver
+  registers a host mirror of its cache (same layout, as large) and copies a
+  finished request's blocks into the GPU in `commit`, which the decode
+  instance calls on `PrefillDone`, before the request runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import random
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+
+import torch
+
+from pdlab.cluster.messages import KVDescriptor
+from pdlab.engine.kv_cache import KVCache
+from pdlab.transfer.base import KVReceiver, KVSender, TransferError, gather_blocks
+from pdlab.transfer.rdma_setup import (
+    IB_PORT,
+    QpEndpoint,
+    RdmaHello,
+    RdmaRefused,
+    RdmaWelcome,
+    check_rdma,  # noqa: F401  (instances import the start-up check from here too)
+    keep_root_logging,
+    rdma_status,  # noqa: F401
+    recv_setup,
+    select_nic,
+    send_setup,
+)
+
+log = logging.getLogger("pdlab.transfer.rdma")
+
+
+try:  # optional: pyverbs ships with the host's rdma-core; `rdma_status` explains its absence
+    with keep_root_logging():
+        import pyverbs.enums as e
+        from pyverbs.addr import GID, AHAttr, GlobalRoute
+        from pyverbs.cq import CQ, cqe_status_to_str
+        from pyverbs.device import Context
+        from pyverbs.mr import MR
+        from pyverbs.pd import PD
+        from pyverbs.pyverbs_error import PyverbsError
+        from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
+        from pyverbs.wr import SGE, SendWR
+except ImportError:
+    PyverbsError = ()  # nothing to catch
+
+ENV_GID_INDEX = "KVCACHE_RDMA_GID_INDEX"  # RoCE only; FastDeploy's default is 3 (RoCEv2, IPv4 on mlx5)
+SQ_DEPTH = 4096  # send-queue slots (capped by the device); a post waits for room rather than overflow it
+MAX_CHAIN = 512  # WRs per ibv_post_send
+STAGING_BYTES = 256 << 20  # a sender's pinned staging ring, when its GPU cache cannot be registered
+MAX_WRITE_BYTES = 1 << 30  # one WRITE moves at most this much (and at most the port's max_msg_sz)
+SETUP_TIMEOUT_S = 10.0
+FLUSH_TIMEOUT_S = 30.0
+
+
+# --- verbs plumbing ------------------------------------------------------------------------
+
+
+def _gid_index() -> int:
+    text = os.environ.get(ENV_GID_INDEX, "3")
+    if not text.isdigit():
+        raise TransferError(f"{ENV_GID_INDEX}={text!r} is not a GID table index")
+    return int(text)
+
+
+class _Nic:
+    """An opened RDMA device with its protection domain."""
+
+    def __init__(self, nics: str | None, gpu_index: int) -> None:
+        self.name = select_nic(nics, gpu_index)
+        try:
+            self.ctx = Context(name=self.name)
+        except PyverbsError as err:
+            raise TransferError(f"cannot open RDMA device {self.name}: {err}") from None
+        try:
+            self.pd = PD(self.ctx)
+            self.port = self.ctx.query_port(IB_PORT)
+            self.device = self.ctx.query_device()
+            self.roce = self.port.link_layer == e.IBV_LINK_LAYER_ETHERNET
+            self.gid_index = _gid_index() if self.roce else 0  # InfiniBand routes by LID
+            self.gid = str(self.ctx.query_gid(IB_PORT, self.gid_index))
+            if self.roce and set(self.gid) <= {"0", ":"}:
+                raise TransferError(f"GID {self.gid_index} of port {IB_PORT} is empty (RoCE needs one; "
+                                    f"set {ENV_GID_INDEX}, see `show_gids`)")
+        except (PyverbsError, TransferError) as err:
+            self.ctx.close()
+            raise TransferError(f"RDMA device {self.name}: {err}") from None
+
+    def register(self, tensor: torch.Tensor, access: int) -> MR:
+        num_bytes = tensor.numel() * tensor.element_size()
+        try:
+            return MR(self.pd, num_bytes, access, address=tensor.data_ptr())  # registers; allocates nothing
+        except PyverbsError as err:
+            pinning_refused = getattr(err, "error_code", 0) == errno.ENOMEM
+            hint = " (the locked-memory limit? `ulimit -l unlimited`)" if pinning_refused else ""
+            raise TransferError(f"cannot register {num_bytes} bytes of {tensor.device} memory with {self.name}: "
+                                f"{err}{hint}") from None
+
+    def register_cache(self, kv: torch.Tensor, access: int, gpudirect: bool) -> MR | None:
+        """The KV cache's own registration; None for CUDA memory without GPUDirect RDMA (stage it)."""
+        if not kv.is_cuda:
+            return self.register(kv, access)
+        if not gpudirect:
+            return None
+        try:
+            return self.register(kv, access)
+        except TransferError as err:
+            log.info("%s; staging KV through pinned host memory", err)
+            return None
+
+    def create_qp(self, cq: CQ, max_send_wr: int, access: int) -> tuple[QP, int]:
+        """An RC QP in INIT, whose send WRs signal only when asked; and a random start PSN."""
+        cap = QPCap(max_send_wr=max_send_wr, max_recv_wr=1, max_send_sge=1, max_recv_sge=1)
+        init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=cq, rcq=cq, cap=cap, sq_sig_all=0)
+        attr = QPAttr(port_num=IB_PORT)
+        attr.qp_access_flags = access
+        return QP(self.pd, init, attr), random.getrandbits(24)  # QP(pd, init, attr) moves an RC QP to INIT
+
+    def endpoint(self, qp: QP, psn: int) -> QpEndpoint:
+        return QpEndpoint(qp.qp_num, psn, self.gid, self.port.lid, self.port.active_mtu)
+
+    def connect(self, qp: QP, me: QpEndpoint, peer: QpEndpoint) -> None:
+        """INIT -> RTR -> RTS towards `peer` (the attributes of ibv_rc_pingpong and rdma-core's tests)."""
+        attr = QPAttr(port_num=IB_PORT, path_mtu=min(me.mtu, peer.mtu))
+        attr.dest_qp_num, attr.rq_psn, attr.sq_psn = peer.qp_num, peer.psn, me.psn
+        attr.max_dest_rd_atomic = attr.max_rd_atomic = 1
+        attr.min_rnr_timer, attr.timeout, attr.retry_cnt, attr.rnr_retry = 12, 14, 7, 7
+        if self.roce:  # RoCE addresses by GID, through a global route header
+            gr = GlobalRoute(dgid=GID(peer.gid), sgid_index=self.gid_index, hop_limit=255)  # routed RoCEv2
+            attr.ah_attr = AHAttr(port_num=IB_PORT, is_global=1, gr=gr)
+        else:
+            attr.ah_attr = AHAttr(port_num=IB_PORT, dlid=peer.lid)
+        qp.to_rts(attr)  # pyverbs: to_rtr (RTR mask) then RTS (RTS mask), from the same QPAttr
+
+    def close(self) -> None:
+        self.ctx.close()  # closes the PD, MRs, CQs and QPs opened on it
+
+
+def _device_index(tensor: torch.Tensor, gpu_index: int | None) -> int:
+    if gpu_index is not None:
+        return gpu_index
+    return (tensor.device.index or 0) if tensor.is_cuda else 0
+
+
+def _require_pyverbs(nics: str | None, gpu_index: int) -> None:
+    if not isinstance(PyverbsError, type):
+        select_nic(nics, gpu_index)  # raises, saying why
+        raise TransferError("pyverbs did not import when pdlab.transfer.rdma was first imported")
+
+
+# --- decode side ---------------------------------------------------------------------------
+
+
+class RdmaReceiver(KVReceiver):
+    """Registers the local cache and answers QP set-up on `host:port` from a listener thread.
+
+    `port` is this GPU's rdma comm port (0: any free port), bound on `host`;
+    `descriptor_fields` names it at `advertise_host` (default `host`), where
+    prefill instances connect. Remote writes land in the cache itself (CPU, or GPU
+    with GPUDirect) or in a pinned host mirror of it, as large as the cache;
+    the decode instance calls `commit` with a request's block ids once its
+    `PrefillDone` has arrived, before reading them.
+    """
+
+    def __init__(self, local: KVCache, nics: str | None = None, port: int = 0, host: str = "127.0.0.1",
+                 advertise_host: str | None = None, gpu_index: int | None = None, gpudirect: bool = True) -> None:
+        super().__init__(local)
+        gpu_index = _device_index(local.kv, gpu_index)
+        _require_pyverbs(nics, gpu_index)
+        self.nic = _Nic(nics, gpu_index)
+        kv = local.kv
+        # REMOTE_READ serves only the sender's flush read (GPU memory).
+        access = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ
+        try:
+            self.mr = self.nic.register_cache(kv, access, gpudirect)
+            self.mirror = None
+            if self.mr is None:
+                self.mirror = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)  # [L, 2, N, bs, H, D]
+                self.mr = self.nic.register(self.mirror, access)
+            self.cq = CQ(self.nic.ctx, 16)  # receiver QPs post nothing, but RC QPs need a CQ
+            self.listener = socket.create_server((host, port))
+        except (TransferError, PyverbsError, OSError) as err:
+            self.nic.close()
+            raise TransferError(f"rdma receiver on {host}:{port}: {err}") from None
+        self.on_gpu = kv.is_cuda and self.mirror is None
+        self.endpoint = f"{advertise_host or host}:{self.listener.getsockname()[1]}"
+        self.qps: dict[socket.socket, QP] = {}  # one per connected sender; the listener thread owns them
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"rdma-listener-{self.endpoint}", daemon=True)
+        self._thread.start()
+
+    def descriptor_fields(self) -> dict:
+        return {"rdma_endpoint": self.endpoint}
+
+    def commit(self, block_ids: list[int]) -> None:
+        """Make the blocks of a finished transfer visible in the cache (host-staged: copy them to the GPU)."""
+        if self.mirror is None or not block_ids:
+            return
+        kv = self.local.kv  # [L, 2, N, bs, H, D]
+        index = torch.tensor(block_ids, dtype=torch.int64)
+        kv.index_copy_(2, index.to(kv.device), self.mirror.index_select(2, index).to(kv.device))
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.listener, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in selector.select(timeout=0.2):
+                    if key.fileobj is self.listener:
+                        conn = self._accept()
+                        if conn is not None:
+                            selector.register(conn, selectors.EVENT_READ)
+                    else:  # the sender closed its end (or broke protocol): its QP goes
+                        selector.unregister(key.fileobj)
+                        self._drop(key.fileobj)
+            for conn in list(self.qps):
+                self._drop(conn)
+
+    def _accept(self) -> socket.socket | None:
+        conn, peer = self.listener.accept()
+        qp = None
+        try:
+            conn.settimeout(SETUP_TIMEOUT_S)
+            hello = recv_setup(conn)
+            if not isinstance(hello, RdmaHello):
+                raise TransferError(f"expected RdmaHello, got {type(hello).__name__}")
+            qp, psn = self.nic.create_qp(self.cq, 1, e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ)
+            me = self.nic.endpoint(qp, psn)
+            self.nic.connect(qp, me, hello.qp)  # in RTS before the sender can post anything
+            send_setup(conn, RdmaWelcome(me, self.mr.buf, self.mr.rkey, self.mr.length, self.on_gpu))
+        except Exception as err:  # noqa: BLE001  one bad peer must not stop the listener
+            log.warning("rdma set-up from %s refused: %s", peer, err)
+            with contextlib.suppress(OSError):
+                send_setup(conn, RdmaRefused(str(err)))
+            conn.close()
+            if qp is not None:
+                qp.close()
+            return None
+        self.qps[conn] = qp
+        return conn
+
+    def _drop(self, conn: socket.socket) -> None:
+        conn.close()
+        qp = self.qps.pop(conn, None)
+        if qp is not None:
+            with contextlib.suppress(PyverbsError):
+                qp.close()
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join()
+        self.listener.close()
+        self.nic.close()
+
+
+# --- prefill side --------------------------------------------------------------------------
+
+
+def contiguous_runs(src: list[int], dst: list[int], max_blocks: int) -> list[tuple[int, int, int]]:
+    """(first source block, first destination block, count) of each run consecutive on both sides."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if runs and runs[-1][2] < max_blocks and (s, d) == (runs[-1][0] + runs[-1][2], runs[-1][1] + runs[-1][2]):
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+class RdmaSender(KVSender):
+    """Writes into one decode instance's cache over one RC QP, set up at construction.
+
+    The NIC reads the local cache itself (CPU, or GPU with GPUDirect), or a
+    pinned staging ring of STAGING_BYTES into which each layer's blocks are
+    gathered (GPU without GPUDirect); when the ring is full, `send_layer` first
+    waits for the writes that read it.
+
+    After an error completion the QP is dropped and the next `send_layer` sets
+    up a new one; every request with writes still unconfirmed then is lost:
+    its next `send_layer`, or `flush(request_id)`, raises TransferError.
+    """
+
+    def __init__(self, local: KVCache, dst: KVDescriptor, socket, nics: str | None = None,
+                 gpu_index: int | None = None, gpudirect: bool = True) -> None:
+        super().__init__(local, dst, socket)
+        host, _, port = dst.rdma_endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise TransferError(f"decode instance {dst.instance_id} offers no rdma endpoint "
+                                f"(rdma_endpoint={dst.rdma_endpoint!r})")
+        self.address = (host.strip("[]"), int(port))
+        kv = local.kv  # [L, 2, N, bs, H, D]
+        self.block_bytes = kv[0, 0, 0].numel() * kv.element_size()
+        gpu_index = _device_index(kv, gpu_index)
+        _require_pyverbs(nics, gpu_index)
+        self.nic = _Nic(nics, gpu_index)
+        self.qp = self.cq = self.setup = None
+        self.inflight: deque[tuple[int, int]] = deque()  # (wr_id of a signalled WR, WRs it retires), in post order
+        self.num_outstanding = 0  # WRs posted and not yet known complete
+        self.next_wr_id = 1
+        self.last_remote_addr: int | None = None  # of the latest WRITE: where a flush read goes
+        self.staged_bytes = 0  # of the staging ring, in use by posted WRs
+        self.unconfirmed: set[str] = set()  # requests with WRs posted since the send queue was last empty
+        self.lost: set[str] = set()  # requests whose writes an error may have dropped, not yet told
+        self.error = ""  # the last error
+        try:
+            self.mr = self.nic.register_cache(kv, e.IBV_ACCESS_LOCAL_WRITE, gpudirect)
+            self.staging = None
+            if self.mr is None:
+                self.staging = torch.empty(max(STAGING_BYTES, 2 * self.block_bytes), dtype=torch.uint8, pin_memory=True)
+                self.mr = self.nic.register(self.staging, e.IBV_ACCESS_LOCAL_WRITE)
+            self.scratch = MR(self.nic.pd, 64, e.IBV_ACCESS_LOCAL_WRITE)  # where flush reads land
+            self.sq_depth = min(SQ_DEPTH, self.nic.device.max_qp_wr)
+            self.max_chain = max(1, min(MAX_CHAIN, self.sq_depth // 2))
+            self.max_run_blocks = max(1, min(MAX_WRITE_BYTES, self.nic.port.max_msg_sz) // self.block_bytes)
+            self._connect()
+        except (TransferError, PyverbsError) as err:
+            self.nic.close()
+            raise TransferError(str(err)) from None
+
+    def _connect(self) -> None:
+        try:
+            self.cq = CQ(self.nic.ctx, self.sq_depth + 1)
+            self.qp, psn = self.nic.create_qp(self.cq, self.sq_depth, 0)
+            me = self.nic.endpoint(self.qp, psn)
+            self.setup = socket.create_connection(self.address, timeout=SETUP_TIMEOUT_S)
+            send_setup(self.setup, RdmaHello(me))
+            reply = recv_setup(self.setup)
+            if isinstance(reply, RdmaRefused):
+                raise TransferError(f"refused: {reply.error}")
+            if not isinstance(reply, RdmaWelcome):
+                raise TransferError(f"expected RdmaWelcome, got {type(reply).__name__}")
+            expected = self.dst.num_layers * 2 * self.dst.num_blocks * self.block_bytes
+            if reply.length != expected:
+                raise TransferError(f"it registered {reply.length} bytes; its descriptor says {expected}")
+            self.nic.connect(self.qp, me, reply.qp)
+        except (OSError, TransferError, PyverbsError) as err:
+            self._reset()
+            raise TransferError(f"rdma set-up with {self.dst.instance_id} at {self.dst.rdma_endpoint}: {err}") from None
+        self.remote_addr, self.rkey, self.remote_on_gpu = reply.addr, reply.rkey, reply.on_gpu
+
+    def _reset(self, error: str = "") -> str:
+        """Drop the connection, QP and CQ (after an error the QP is useless); the next send sets up new ones.
+        With an `error`, the requests with unconfirmed writes are lost; returns the error."""
+        if self.setup is not None:
+            self.setup.close()
+        for resource in (self.qp, self.cq):
+            if resource is not None:
+                with contextlib.suppress(PyverbsError):
+                    resource.close()
+        self.qp = self.cq = self.setup = None
+        self.inflight.clear()
+        self.num_outstanding = self.staged_bytes = 0
+        self.last_remote_addr = None
+        if error:
+            self.lost |= self.unconfirmed
+            self.error = error
+        self.unconfirmed.clear()
+        return error
+
+    def send_layer(self, request_id: str, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
+        self.check_blocks(src_block_ids, self.local.num_blocks, "source")
+        self.check_blocks(dst_block_ids, self.dst.num_blocks, "destination")
+        if len(src_block_ids) != len(dst_block_ids):
+            raise TransferError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destination blocks")
+        if request_id in self.lost:
+            self.lost.discard(request_id)
+            raise TransferError(f"earlier RDMA writes of {request_id} to {self.dst.instance_id} were lost: "
+                                f"{self.error}")
+        if not src_block_ids:
+            return
+        if self.qp is None:
+            self._connect()
+        self.unconfirmed.add(request_id)
+        try:
+            self._send_layer(layer, src_block_ids, dst_block_ids)
+        except TransferError:
+            self.lost.discard(request_id)  # told, by this
+            raise
+
+    def _send_layer(self, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
+        kv, size = self.local.kv, self.block_bytes  # [L, 2, N, bs, H, D]
+        if self.staging is None:  # the NIC reads the cache: [2, N] blocks of this layer from `base`
+            if kv.is_cuda:  # GPUDirect: the layer must be in GPU memory before the NIC reads it
+                torch.cuda.current_stream(kv.device).synchronize()
+            base = self.mr.buf + layer * 2 * self.local.num_blocks * size
+            self._write(layer, src_block_ids, dst_block_ids, base, self.local.num_blocks)
+            return
+        per_chunk = len(self.staging) // (2 * size)
+        for first in range(0, len(src_block_ids), per_chunk):
+            src, dst = src_block_ids[first: first + per_chunk], dst_block_ids[first: first + per_chunk]
+            need = 2 * len(src) * size
+            if self.staged_bytes + need > len(self.staging):
+                self._poll(time.monotonic() + FLUSH_TIMEOUT_S, until=self.num_outstanding)  # the ring is free again
+                self.staged_bytes = 0
+            offset = self.staged_bytes
+            staged = self.staging[offset: offset + need].view(kv.dtype).view(2, len(src), *kv.shape[3:])
+            staged.copy_(gather_blocks(kv, layer, src))  # [2, n, bs, H, D]; returns once in host memory
+            self.staged_bytes += need
+            self._write(layer, list(range(len(src))), dst, self.mr.buf + offset, len(src))
+
+    def _write(self, layer: int, src: list[int], dst: list[int], base: int, num_src_blocks: int) -> None:
+        """WRITEs of K and V of `src` (blocks of a [2, num_src_blocks] array at `base`) to the remote `dst`."""
+        n_dst, size = self.dst.num_blocks, self.block_bytes
+        writes = []
+        for s, d, n in contiguous_runs(src, dst, self.max_run_blocks):
+            for half in (0, 1):  # K, V
+                writes.append((base + (half * num_src_blocks + s) * size,
+                               self.remote_addr + ((layer * 2 + half) * n_dst + d) * size, n * size))
+        for first in range(0, len(writes), self.max_chain):
+            self._post(writes[first: first + self.max_chain], e.IBV_WR_RDMA_WRITE, self.mr.lkey)
+        self.last_remote_addr = writes[-1][1]
+
+    def _post(self, items: list[tuple[int, int, int]], opcode: int, lkey: int) -> None:
+        """One chain of WRs (local address, remote address, bytes); only the last one signalled."""
+        if self.num_outstanding + len(items) > self.sq_depth:  # no room in the send queue: wait for some
+            self._poll(time.monotonic() + FLUSH_TIMEOUT_S, until=self.num_outstanding + len(items) - self.sq_depth)
+        wr_id = self.next_wr_id
+        self.next_wr_id += 1
+        wrs = []
+        for i, (local_addr, remote_addr, length) in enumerate(items):
+            last = i == len(items) - 1
+            sge = SGE(local_addr, length, lkey)
+            wr = SendWR(wr_id=wr_id if last else 0, opcode=opcode, num_sge=1, sg=[sge],
+                        send_flags=e.IBV_SEND_SIGNALED if last else 0)
+            sge.close()  # SendWR copied it; pyverbs frees an SGE's or SendWR's memory only in close()
+            wr.set_wr_rdma(self.rkey, remote_addr)
+            if wrs:
+                wrs[-1].next_wr = wr  # a raw pointer: every WR must stay alive until post_send returns
+            wrs.append(wr)
+        try:
+            self.qp.post_send(wrs[0])
+        except PyverbsError as err:
+            raise TransferError(self._reset(f"RDMA post to {self.dst.instance_id} failed: {err}")) from None
+        finally:
+            for wr in wrs:
+                wr.close()
+        self.inflight.append((wr_id, len(items)))
+        self.num_outstanding += len(items)
+
+    def _poll(self, deadline_s: float, until: int) -> None:
+        """Poll the CQ until `until` more posted WRs are known complete (or none is left)."""
+        done = 0
+        while done < until and self.inflight:
+            n, wcs = self.cq.poll(16)
+            for wc in wcs[:n]:
+                if wc.status != e.IBV_WC_SUCCESS:
+                    what = f"{cqe_status_to_str(wc.status)} (vendor error {wc.vendor_err:#x})"
+                    raise TransferError(self._reset(f"RDMA write to {self.dst.instance_id} failed: {what}"))
+                while self.inflight and self.inflight[0][0] <= wc.wr_id:  # an RC QP completes in order
+                    retired = self.inflight.popleft()[1]
+                    done += retired
+                    self.num_outstanding -= retired
+            if n == 0:
+                if time.monotonic() > deadline_s:
+                    raise TransferError(self._reset(f"RDMA writes to {self.dst.instance_id}: no completion "
+                                                    f"within {FLUSH_TIMEOUT_S:.0f} s"))
+                time.sleep(0)
+        if not self.inflight:
+            self.unconfirmed.clear()
+
+    def flush(self, request_id: str | None = None) -> None:
+        """Wait for every posted WRITE; raise TransferError if `request_id`'s writes were lost. Without
+        `request_id` (the base contract), the first flush after an error raises, once, for all the
+        requests it lost: a second request of that batch would pass, so callers should pass it."""
+        told = set(self.lost) if request_id is None else {request_id}
+        try:
+            if self.qp is not None and self.inflight:
+                if self.remote_on_gpu and self.last_remote_addr is not None:
+                    # A READ behind WRITEs on one QP completes once they have reached GPU memory (PCIe ordering).
+                    self._post([(self.scratch.buf, self.last_remote_addr, 8)], e.IBV_WR_RDMA_READ, self.scratch.lkey)
+                    self.last_remote_addr = None
+                self._poll(time.monotonic() + FLUSH_TIMEOUT_S, until=self.num_outstanding)
+                self.staged_bytes = 0
+            lost = sorted(self.lost & told)
+            if lost:
+                raise TransferError(f"RDMA writes of {', '.join(lost)} to {self.dst.instance_id} were lost: "
+                                    f"{self.error}")
+        finally:
+            self.lost -= told
+
+    def abort(self, request_id: str) -> None:
+        self.lost.discard(request_id)  # posted WRs cannot be recalled; the decode side holds the blocks
+
+    def close(self) -> None:
+        if self.nic is None:
+            return
+        with contextlib.suppress(TransferError):
+            self.flush()
+        self._reset()
+        self.nic.close()
+        self.nic = None
