@@ -26,6 +26,29 @@ def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="weight-only quantization of the linears (default none)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default loopback only)")
+    p.add_argument("--advertise-host", default=None,
+                   help="the address other machines reach this instance at (default --host; needed with 0.0.0.0)")
+    p.add_argument("--pd-comm-port", type=int, default=None,
+                   help="port for prefill <-> decode control messages across machines (default: the "
+                        "engine-worker-queue port takes prefill tasks, the cache-queue port takes KV)")
+    p.add_argument("--rdma-comm-ports", default="",
+                   help="rdma: one port per GPU where this instance (decode) accepts RDMA connections; "
+                        "the NICs come from $KVCACHE_RDMA_NICS")
+    s = p.add_argument_group("splitwise scheduler (FastDeploy's multi-machine mode)")
+    s.add_argument("--scheduler-name", choices=("local", "splitwise"), default="local",
+                   help="splitwise: register with the global scheduler in Redis, which routes every request")
+    s.add_argument("--scheduler-host", default="127.0.0.1", help="the Redis server")
+    s.add_argument("--scheduler-port", type=int, default=6379)
+    s.add_argument("--scheduler-password", default=None)
+    s.add_argument("--scheduler-topic", default="fd", help="instances of one deployment share a topic")
+    s.add_argument("--scheduler-ttl", type=float, default=900.0,
+                   help="seconds a request and its results live; a request not finished by then ends with an error")
+    s.add_argument("--scheduler-heartbeat-s", type=float, default=0.2, help="how often an instance heartbeats")
+    s.add_argument("--scheduler-expire-s", type=float, default=3.0,
+                   help="an instance silent for longer is dropped, and the requests it served are sent elsewhere")
+    s.add_argument("--scheduler-dispatch", default="fastdeploy",
+                   choices=("fastdeploy", "least_loaded", "round_robin", "power_of_two"),
+                   help="how the router picks instances: FastDeploy's random among the near-least loaded, ...")
     p.add_argument("--instance-id", default=None, help="a name for logs and metrics (default role:port)")
     p.add_argument("--transfer-timeout-s", type=float, default=30.0,
                    help="how long a decode instance waits for a prefill's KV, and a prefill for the decode's ack")

@@ -13,6 +13,12 @@ reservation. With `ipc`, where the prefill writes straight into this cache,
 the blocks of a request aborted mid-transfer are held until the prefill
 confirms it stopped (or a second timeout passes), so a late write never lands
 in a reused block. Over `tcp` late frames are simply dropped.
+
+With the splitwise scheduler (`--scheduler-name splitwise`), tasks come from
+this instance's Redis inbox instead, each naming its prefill instance and the
+pair's protocol; prefill peers are connected as tasks name them, and a request
+whose prefill is lost ends with `retry` set, so that its router sends it
+elsewhere.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from pdlab.cluster.args import parse_ports
 from pdlab.cluster.frontend import Frontend
+from pdlab.cluster.splitwise.wire import Task
 from pdlab.cluster.messages import (
     AbortPrefill, KVAck, KVDescriptor, KVLayer, Ping, Pong, PrefillDone, PrefillFailed, PrefillTask, encode,
     sampling_to_msg,
@@ -43,6 +50,7 @@ class Transfer:
     peer: PrefillPeer
     deadline_s: float
     dispatched_s: float = 0.0
+    protocol: str = "tcp"
 
 
 @dataclass
@@ -59,44 +67,77 @@ class PrefillPeer:
     monitor: zmq.Socket | None = None  # connect/disconnect events of `sock`
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """The prefill instance and protocol a splitwise router chose for one request."""
+
+    prefill_id: str
+    endpoint: str
+    protocol: str
+
+
 class Decode(Frontend):
     def __init__(self, instance) -> None:
         super().__init__(instance)
         ports = parse_ports(instance.args.innode_prefill_ports)
-        if not ports:
-            raise ConfigError("a decode instance needs --innode-prefill-ports (the prefill instances' engine-worker-queue ports)")
-        self.peers: list[PrefillPeer] = []
-        for port in ports:
-            sock = instance.zmq.socket(zmq.DEALER)
+        if not ports and instance.agent is None:
+            raise ConfigError("a decode instance needs --innode-prefill-ports (the prefill instances' "
+                              "engine-worker-queue ports), or --scheduler-name splitwise")
+        self.peers: dict[str, PrefillPeer] = {}  # by endpoint
+        self.innode = [self._peer(instance.endpoint(port), f"prefill:{port}") for port in ports]
+        self.dispatch = LeastLoaded()
+        self.timeout_s = instance.args.transfer_timeout_s
+        self.heartbeat_s = min(1.0, self.timeout_s / 4)
+        kv = self.engine.kv_cache.kv
+        self.receivers = {p: self._receiver(p) for p in instance.protocols}
+        self.descriptors = {p: KVDescriptor(
+            instance_id=instance.instance_id, protocol=p, cache_endpoint=instance.peer_cache_endpoint,
+            num_layers=kv.shape[0], num_blocks=kv.shape[2], block_size=kv.shape[3], num_kv_heads=kv.shape[4],
+            head_dim=kv.shape[5], dtype=str(kv.dtype).removeprefix("torch."), host=instance.host,
+            **receiver.descriptor_fields(),
+        ) for p, receiver in self.receivers.items()}
+        self.assigned: dict[str, Assignment] = {}  # splitwise requests: their prefill and protocol
+        self.transfers: dict[str, Transfer] = {}  # requests whose KV is on its way
+        self.quarantine: dict[str, Transfer] = {}  # aborted mid-transfer, blocks held until the prefill confirms
+        self.undispatched: dict[str, float] = {}  # reserved, but no prefill took the task yet: request id -> give-up time
+
+    def _receiver(self, protocol: str):
+        kv_cache, instance = self.engine.kv_cache, self.instance
+        if protocol != "rdma":
+            return make_receiver(protocol, kv_cache)
+        # One --rdma-comm-ports port per GPU; NICs from $KVCACHE_RDMA_NICS.
+        gpu = kv_cache.kv.device.index or 0
+        ports = parse_ports(instance.args.rdma_comm_ports)
+        return make_receiver("rdma", kv_cache, port=ports[gpu % len(ports)] if ports else 0, host=instance.host,
+                             advertise_host=instance.advertise_host, gpu_index=gpu)
+
+    def _peer(self, endpoint: str, name: str) -> PrefillPeer:
+        """The connection to the prefill instance at `endpoint`, made on first use and polled by the loop."""
+        peer = self.peers.get(endpoint)
+        if peer is None:
+            sock = self.instance.zmq.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             # Queue nothing for a prefill that is not connected: a restarted one must
             # never receive tasks its predecessor was given.
             sock.setsockopt(zmq.IMMEDIATE, 1)
             monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            sock.connect(instance.endpoint(port))
-            self.peers.append(PrefillPeer(f"prefill:{port}", sock, monitor=monitor))
-        self.dispatch = LeastLoaded()
-        self.timeout_s = instance.args.transfer_timeout_s
-        self.heartbeat_s = min(1.0, self.timeout_s / 4)
-        self.receiver = make_receiver(instance.protocol, self.engine.kv_cache)
-        kv = self.engine.kv_cache.kv
-        self.descriptor = KVDescriptor(
-            instance_id=instance.instance_id, protocol=instance.protocol,
-            cache_endpoint=instance.endpoint(instance.args.cache_queue_port),
-            num_layers=kv.shape[0], num_blocks=kv.shape[2], block_size=kv.shape[3], num_kv_heads=kv.shape[4],
-            head_dim=kv.shape[5], dtype=str(kv.dtype).removeprefix("torch."), host=instance.host,
-            **self.receiver.descriptor_fields(),
-        )
-        # Remote writes into our blocks can outlive an abort only with ipc.
-        self.hold_on_abort = instance.protocol != "tcp"
-        self.transfers: dict[str, Transfer] = {}  # requests whose KV is on its way
-        self.quarantine: dict[str, Transfer] = {}  # aborted mid-transfer, blocks held until the prefill confirms
-        self.undispatched: dict[str, float] = {}  # reserved, but no prefill took the task yet: request id -> give-up time
+            sock.connect(endpoint)
+            peer = self.peers[endpoint] = PrefillPeer(name, sock, monitor=monitor)
+            self.instance.watch(sock, lambda identity, message, rest, peer=peer: self.on_peer(peer, message))
+        return peer
 
-    def sockets(self) -> dict:
-        return {peer.sock: (lambda identity, message, rest, peer=peer: self.on_peer(peer, message)) for peer in self.peers}
+    def protocol_of(self, request_id: str) -> str:
+        assigned = self.assigned.get(request_id)
+        return assigned.protocol if assigned is not None else self.instance.protocol
 
-    def admit(self, request: Request) -> None:
+    def admit(self, request: Request, task: Task | None) -> None:
+        if task is not None:
+            if task.protocol not in self.receivers or not task.prefill_endpoint:
+                self.fail(request.request_id, f"the router asked for KV over {task.protocol!r} from "
+                                              f"{task.prefill_id!r}; this instance receives over "
+                                              f"{', '.join(self.receivers)}", retry=True)
+                return
+            self.assigned[request.request_id] = Assignment(task.prefill_id, task.prefill_endpoint, task.protocol)
         self.scheduler.add_remote(request)
 
     # --- messages ---------------------------------------------------------------------
@@ -117,9 +158,12 @@ class Decode(Frontend):
         if request is None or not set(header.dst_block_ids) <= set(request.block_ids) or len(rest) != 1:
             return
         try:
-            self.receiver.write_layer(header, rest[0].buffer)
+            receiver = self.receivers.get(self.protocol_of(header.request_id))
+            if receiver is None:
+                raise TransferError("no receiver for its protocol")
+            receiver.write_layer(header, rest[0].buffer)
         except TransferError as e:
-            self._fail(header.request_id, f"KV transfer failed: {e}")
+            self.fail(header.request_id, f"KV transfer failed: {e}")
 
     def on_peer(self, peer: PrefillPeer, message) -> None:
         if not isinstance(message, Pong):
@@ -143,6 +187,11 @@ class Decode(Frontend):
             self.scheduler.release(request_id)
             return
         request.keep_blocks_after_finish = False
+        try:
+            self.receivers[transfer.protocol].commit(request.block_ids)
+        except TransferError as e:
+            self._end(request_id, f"KV transfer failed: {e}", retry=True)
+            return
         self.metrics.on_kv_received(request.num_prompt_tokens, self.engine.clock() - transfer.dispatched_s)
         if message.logprobs is not None:
             self.engine.record_logprobs(request_id, message.logprobs)
@@ -175,8 +224,10 @@ class Decode(Frontend):
     # --- the loop ----------------------------------------------------------------------
 
     def tick(self, now_s: float) -> None:
+        super().tick(now_s)
         for request in self.scheduler.reserve():
-            request.keep_blocks_after_finish = self.hold_on_abort
+            # Remote writes into our blocks can outlive an abort only with ipc and rdma.
+            request.keep_blocks_after_finish = self.protocol_of(request.request_id) != "tcp"
             self.undispatched[request.request_id] = now_s + self.timeout_s
         for request_id, give_up_s in list(self.undispatched.items()):
             if not self._dispatch(request_id, now_s) and now_s > give_up_s:
@@ -185,8 +236,9 @@ class Decode(Frontend):
                 if request is not None:
                     request.keep_blocks_after_finish = False  # nothing was sent: nobody writes its blocks
                 self.metrics.on_transfer_failed("timeout")
-                self._end(request_id, f"no prefill instance accepted the task within {self.timeout_s:.1f} s")
-        for peer in self.peers:
+                self._end(request_id, f"no prefill instance accepted the task within {self.timeout_s:.1f} s",
+                          retry=True)
+        for peer in self.peers.values():
             if self._disconnected(peer):
                 self._lose_peer(peer, f"{peer.name} closed its connection")
             if now_s - peer.last_ping_s >= self.heartbeat_s:
@@ -202,24 +254,30 @@ class Decode(Frontend):
                 self.scheduler.release(request_id)
 
     def _dispatch(self, request_id: str, now_s: float) -> bool:
-        """Send the prefill task to the least loaded prefill that takes it; False if none does."""
+        """Send the prefill task to its assigned prefill, or to the least loaded of --innode-prefill-ports
+        that takes it; False if none does."""
         request = self.scheduler.transferring.get(request_id)
         if request is None:
             self.undispatched.pop(request_id, None)
             return True
+        assigned = self.assigned.get(request_id)
+        candidates = [self._peer(assigned.endpoint, assigned.prefill_id)] if assigned else self.innode
+        protocol = self.protocol_of(request_id)
         task = PrefillTask(request.request_id, request.prompt_token_ids, sampling_to_msg(request.params),
-                           request.seed, list(request.block_ids), self.descriptor)
-        loads = [peer.outstanding for peer in self.peers]
-        for _ in self.peers:
-            peer = self.peers[self.dispatch.pick(loads)]
+                           request.seed, list(request.block_ids), self.descriptors[protocol],
+                           list(request.output_token_ids))
+        loads = [peer.outstanding for peer in candidates]
+        for _ in candidates:
+            index = self.dispatch.pick(loads)
+            peer = candidates[index]
             if self._send(peer, task):
                 del self.undispatched[request_id]
                 if peer.outstanding == 0:
                     peer.busy_since_s = now_s
                 peer.outstanding += 1
-                self.transfers[request_id] = Transfer(peer, now_s + self.timeout_s, now_s)
+                self.transfers[request_id] = Transfer(peer, now_s + self.timeout_s, now_s, protocol)
                 return True
-            loads[self.peers.index(peer)] = float("inf")
+            loads[index] = float("inf")
         return False
 
     def _send(self, peer: PrefillPeer, message) -> bool:
@@ -252,7 +310,7 @@ class Decode(Frontend):
                 if request is not None:
                     request.keep_blocks_after_finish = False
                 self.metrics.on_transfer_failed("prefill_lost")
-                self._end(request_id, f"{why}; the request's KV never arrived")
+                self._end(request_id, f"{why}; the request's KV never arrived", retry=True)
         for request_id, transfer in list(self.quarantine.items()):
             if transfer.peer is peer and transfer.dispatched_s < sent_before_s:
                 del self.quarantine[request_id]
@@ -264,19 +322,27 @@ class Decode(Frontend):
         for out in self.engine.step():
             self.publish(out)
 
+    def publish(self, out, error: str | None = None, retry: bool = False) -> None:
+        super().publish(out, error, retry)
+        if out.finished:
+            self.assigned.pop(out.request_id, None)
+
     def close(self) -> None:
-        self.receiver.close()
-        for peer in self.peers:
+        for receiver in self.receivers.values():
+            receiver.close()
+        for peer in self.peers.values():
             peer.sock.disable_monitor()
             peer.monitor.close(linger=0)
             peer.sock.close(linger=0)
 
     # --- failure paths -------------------------------------------------------------------
 
-    def _fail(self, request_id: str, error: str) -> None:
-        self.metrics.on_transfer_failed("prefill_failed")
-        self._cancel_transfer(request_id)
-        self._end(request_id, error)
+    def fail(self, request_id: str, error: str, retry: bool = False) -> None:
+        request = self.scheduler.requests.get(request_id)
+        if request is not None and request.status is RequestStatus.TRANSFERRING:
+            self.metrics.on_transfer_failed("prefill_failed")
+            self._cancel_transfer(request_id)
+        self._end(request_id, error, retry)
 
     def _cancel_transfer(self, request_id: str) -> None:
         if self.undispatched.pop(request_id, None) is not None:
@@ -288,15 +354,11 @@ class Decode(Frontend):
         if transfer is None:
             return
         self._send(transfer.peer, AbortPrefill(request_id))
-        if self.hold_on_abort:
+        if transfer.protocol != "tcp":
             transfer.deadline_s = self.engine.clock() + self.timeout_s
             self.quarantine[request_id] = transfer
         else:
             self._settle(transfer)
 
-    def _end(self, request_id: str, error: str) -> None:
-        request = self.scheduler.finish(request_id, "error", self.engine.clock())
-        if request is not None:
-            out = self.engine.output(request)
-            out.error = error
-            self.publish(out, error)
+    def _end(self, request_id: str, error: str, retry: bool = False) -> None:
+        super().fail(request_id, error, retry)

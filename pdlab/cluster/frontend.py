@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pdlab.cluster.messages import AbortRequest, GenerateRequest, RequestUpdate, encode, sampling_from_msg
+from pdlab.cluster.splitwise.wire import Task
+from pdlab.cluster.splitwise.wire import encode as encode_json
 from pdlab.engine.outputs import RequestOutput
 from pdlab.errors import PdlabError
 from pdlab.policy.request import Request
@@ -31,6 +35,11 @@ class Role:
     def on_cache(self, identity: bytes, message, rest) -> None:
         log.warning("%s: unexpected %s on the cache-queue port", self.instance.instance_id, type(message).__name__)
 
+    def on_task(self, task) -> None:
+        """A task from the splitwise scheduler's inbox (decode and mixed instances only)."""
+        log.warning("%s: a %s instance got a splitwise task (%s); dropped", self.instance.instance_id,
+                    self.instance.role, task.request_id)
+
     def tick(self, now_s: float) -> None:
         pass
 
@@ -45,39 +54,53 @@ class Role:
         pass
 
 
+# Where a request's updates go: its zmq client, or the results list of the router that sent it.
+Reply = Callable[[RequestUpdate], None]
+
+
 class Frontend(Role):
-    """Accepts clients' requests on the engine-worker-queue port and streams their tokens back."""
+    """Accepts requests (from zmq clients, or as tasks from a splitwise router) and streams their tokens back."""
 
     def __init__(self, instance: Instance) -> None:
         super().__init__(instance)
-        self.clients: dict[str, bytes] = {}  # request id -> the client's zmq identity
-        self.num_sent: dict[str, int] = {}  # tokens already streamed
+        self.replies: dict[str, Reply] = {}  # request id -> where its updates go
+        self.num_sent: dict[str, int] = {}  # output tokens the client has already
+        self.deadlines: dict[str, float] = {}  # requests from a splitwise router: id -> wall-clock deadline
 
     def on_ewq(self, identity: bytes, message) -> None:
         if isinstance(message, GenerateRequest):
-            self.on_generate(identity, message)
+            self.accept(message.request_id, message.prompt_token_ids, message.sampling, self._zmq_reply(identity))
         elif isinstance(message, AbortRequest):
             self.on_abort(message.request_id)
         else:
             super().on_ewq(identity, message)
 
-    def on_generate(self, identity: bytes, message: GenerateRequest) -> None:
-        if message.request_id in self.clients:
-            self._reply(identity, RequestUpdate(message.request_id, [], True, "error",
-                                                f"request id {message.request_id!r} is already in use"))
-            return
-        try:
-            params = sampling_from_msg(message.sampling)
-            request = self.engine.make_request(message.prompt_token_ids, params, message.request_id)
-        except PdlabError as e:
-            self._reply(identity, RequestUpdate(message.request_id, [], True, "error", str(e),
-                                                len(message.prompt_token_ids)))
-            return
-        self.clients[request.request_id] = identity
-        self.num_sent[request.request_id] = 0
-        self.admit(request)
+    def on_task(self, task: Task) -> None:
+        agent = self.instance.agent
+        reply = lambda update: agent.push_result(task.reply_to, encode_json(update))  # noqa: E731
+        if self.accept(task.request_id, task.prompt_token_ids, task.sampling, reply, seed=task.seed,
+                       output_token_ids=task.output_token_ids, task=task):
+            self.deadlines[task.request_id] = task.deadline_ts
 
-    def admit(self, request: Request) -> None:
+    def accept(self, request_id: str, prompt_token_ids: list[int], sampling, reply: Reply, *, seed: int | None = None,
+               output_token_ids: list[int] = (), task: Task | None = None) -> bool:
+        """Validate a request and admit it; a bad one gets an error update. Returns whether it was admitted."""
+        if request_id in self.replies:
+            reply(RequestUpdate(request_id, [], True, "error", f"request id {request_id!r} is already in use"))
+            return False
+        try:
+            params = sampling_from_msg(sampling)
+            request = self.engine.make_request(prompt_token_ids, params, request_id, seed=seed,
+                                               output_token_ids=output_token_ids)
+        except PdlabError as e:
+            reply(RequestUpdate(request_id, [], True, "error", str(e), len(prompt_token_ids)))
+            return False
+        self.replies[request_id] = reply
+        self.num_sent[request_id] = request.num_output_tokens
+        self.admit(request, task)
+        return True
+
+    def admit(self, request: Request, task: Task | None) -> None:
         """Queue a validated request (colocated: here; decode: after a remote prefill)."""
         raise NotImplementedError
 
@@ -86,10 +109,33 @@ class Frontend(Role):
         if out is not None:
             self.publish(out)
 
-    def publish(self, out: RequestOutput, error: str | None = None) -> None:
+    def fail(self, request_id: str, error: str, retry: bool = False) -> None:
+        """End an unfinished request with an error and tell its client."""
+        request = self.scheduler.finish(request_id, "error", self.engine.clock())
+        if request is not None:
+            out = self.engine.output(request)
+            out.error = error
+            self.publish(out, error, retry)
+
+    def tick(self, now_s: float) -> None:
+        if not self.deadlines:
+            return
+        agent = self.instance.agent
+        lost_s = agent.down_for_s()
+        if lost_s > agent.config.expire_s:  # the routers gave up on these; nobody would get their tokens
+            for request_id in list(self.deadlines):
+                self.fail(request_id, f"lost the splitwise scheduler's Redis for {lost_s:.1f} s")
+            return
+        now_ts = time.time()
+        for request_id, deadline_ts in list(self.deadlines.items()):
+            if now_ts > deadline_ts:
+                self.fail(request_id, f"the request expired: not finished within --scheduler-ttl "
+                                      f"{agent.config.ttl_s:g} s")
+
+    def publish(self, out: RequestOutput, error: str | None = None, retry: bool = False) -> None:
         """Stream the tokens the client has not seen yet; on the last update, the text too."""
-        identity = self.clients.get(out.request_id)
-        if identity is None:
+        reply = self.replies.get(out.request_id)
+        if reply is None:
             return
         sent = self.num_sent[out.request_id]
         new = out.token_ids[sent:]
@@ -97,22 +143,25 @@ class Frontend(Role):
             return
         self.num_sent[out.request_id] = len(out.token_ids)
         self.metrics.on_output(out, len(new))
-        logprobs = out.logprobs[sent:] if out.logprobs is not None else None
-        self._reply(identity, RequestUpdate(
+        # Log-probabilities exist for the tokens sampled here (not for those a resumed request came with).
+        logprobs = out.logprobs[len(out.logprobs) - len(new):] if out.logprobs is not None and new else None
+        reply(RequestUpdate(
             out.request_id, new, out.finished, out.finish_reason, error or out.error, len(out.prompt_token_ids),
-            out.text if out.finished else None, logprobs,
+            out.text if out.finished else None, logprobs, retry,
         ))
         if out.finished:
-            del self.clients[out.request_id], self.num_sent[out.request_id]
+            del self.replies[out.request_id], self.num_sent[out.request_id]
+            self.deadlines.pop(out.request_id, None)
 
-    def _reply(self, identity: bytes, update: RequestUpdate) -> None:
-        self.instance.ewq.send_multipart([identity, encode(update)])
+    def _zmq_reply(self, identity: bytes) -> Reply:
+        ewq = self.instance.ewq
+        return lambda update: ewq.send_multipart([identity, encode(update)])
 
 
 class Mixed(Frontend):
     """Colocated: prefill and decode on this instance."""
 
-    def admit(self, request: Request) -> None:
+    def admit(self, request: Request, task: Task | None) -> None:
         self.scheduler.add(request)
 
     def step(self) -> None:

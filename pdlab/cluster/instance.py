@@ -5,8 +5,13 @@
 
 The process binds two zmq ROUTER sockets: the engine-worker-queue port (tasks:
 client requests, prefill tasks, acks, pings) and the cache-queue port (KV
-transfer coordination and, over tcp, the KV itself). One thread runs the loop:
-drain both sockets, let the role do its periodic work, step the engine.
+transfer coordination and, over tcp, the KV itself), and with `--pd-comm-port`
+a third that takes both kinds from other instances. One thread runs the loop:
+drain the sockets, let the role do its periodic work, step the engine.
+
+With `--scheduler-name splitwise` the instance also registers with the global
+scheduler in Redis (`pdlab/cluster/splitwise/`): requests its clients send go
+through its router, and tasks for it arrive in its Redis inbox.
 """
 
 from __future__ import annotations
@@ -15,16 +20,21 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
 import zmq
 
-from pdlab.cluster.args import add_instance_args, engine_config, parse_protocols
-from pdlab.cluster.messages import MessageError, Ping, Pong, decode, encode
+from pdlab.cluster.args import add_instance_args, engine_config, parse_ports, parse_protocols
+from pdlab.cluster.messages import (
+    AbortRequest, GenerateRequest, KVLayer, MessageError, Ping, PrefillDone, PrefillFailed, Pong, decode, encode,
+)
 from pdlab.cluster.metrics import InstanceMetrics
 from pdlab.engine.engine import LLMEngine
 from pdlab.errors import ConfigError, PdlabError
+from pdlab.policy.dispatch import instance_load
+from pdlab.transfer.base import TransferError
 
 log = logging.getLogger("pdlab.instance")
 
@@ -34,36 +44,88 @@ class Instance:
         self.args = args
         self.role = args.splitwise_role
         self.host = args.host
+        self.advertise_host = args.advertise_host or _advertised(args.host)
         self.instance_id = args.instance_id or f"{self.role}:{args.engine_worker_queue_port}"
         if args.tensor_parallel_size != 1:
             raise ConfigError("--tensor-parallel-size > 1 is not supported yet by this engine")
-        try:
-            protocols = parse_protocols(args.cache_transfer_protocol)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        usable = [p for p in protocols if p in ("ipc", "tcp")]
-        if not usable:
-            raise ConfigError("rdma is not available in this build; add tcp to --cache-transfer-protocol")
-        self.protocol = usable[0]
+        config = engine_config(args)
+        self.splitwise = _splitwise_config(args)
+        self.protocols, self.protocol_notes = _usable_protocols(args, config.device, self.splitwise is not None)
+        self.protocol = self.protocols[0]  # the one a single-machine pair uses
+        if self.splitwise is not None:  # a missing Redis fails now, not after the model has loaded
+            from pdlab.cluster.splitwise.agent import connect
+
+            connect(self.splitwise).close()
         self.metrics = InstanceMetrics(self.role, self.instance_id)
         if args.metrics_port is not None:  # before the model loads: a port in use fails at once
             self.metrics.serve(args.metrics_port, self.host)
-        config = engine_config(args)
         shm_path = None
-        if self.role == "decode" and self.protocol == "ipc" and not _wants_cuda(config.device):
+        if self.role == "decode" and "ipc" in self.protocols and not _wants_cuda(config.device):
             from pdlab.transfer.shm import shm_path as make_shm_path
 
             shm_path = make_shm_path(f"{os.getpid()}-{args.cache_queue_port}")
         self.engine = LLMEngine(config, kv_cache_shm_path=shm_path)
         self.metrics.watch(self.engine.scheduler, self.engine.kv_cache.num_bytes // self.engine.kv_cache.num_blocks)
+        self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         self.zmq = zmq.Context()
+        self._handlers: dict[zmq.Socket, object] = {}
+        self._poller = zmq.Poller()
         self.ewq = self._bind(args.engine_worker_queue_port, "engine-worker-queue")
         self.cache = self._bind(args.cache_queue_port, "cache-queue")
-        from pdlab.cluster.roles import ROLES
+        self.watch(self.ewq, self._on_ewq)
+        self.watch(self.cache, self._on_cache)
+        self.pd = None
+        if args.pd_comm_port is not None:
+            self.pd = self._bind(args.pd_comm_port, "pd-comm")
+            self.watch(self.pd, self._on_pd)
+        self.agent = self.router = None
+        try:
+            if self.splitwise is not None:
+                from pdlab.cluster.splitwise.agent import RedisAgent
+                from pdlab.cluster.splitwise.router import Router
 
-        self.handler = ROLES[self.role](self)
+                self.node_id = args.instance_id or f"{self.role}@{self.advertise_host}:{args.engine_worker_queue_port}"
+                self.agent = RedisAgent(self.splitwise, self.node_info(), self.zmq)
+                self.router = Router(self, self.agent, self.splitwise, seed=args.seed)
+            from pdlab.cluster.roles import ROLES
+
+            self.handler = ROLES[self.role](self)
+        except BaseException:
+            if self.agent is not None:
+                self.agent.close()
+            raise
         self._stopping = False
-        self.incarnation = f"{os.getpid()}-{time.time_ns()}"
+        self._next_info_s = 0.0
+
+    @property
+    def task_endpoint(self) -> str:
+        """Where other instances send prefill tasks (a prefill instance's)."""
+        return self.endpoint(self.args.pd_comm_port or self.args.engine_worker_queue_port)
+
+    @property
+    def peer_cache_endpoint(self) -> str:
+        """Where prefill instances send KV and PrefillDone (a decode instance's)."""
+        return self.endpoint(self.args.pd_comm_port or self.args.cache_queue_port)
+
+    def node_info(self):
+        """This instance as the splitwise scheduler sees it (the agent stamps the time)."""
+        from pdlab.cluster.splitwise.wire import NodeInfo
+
+        s = self.engine.scheduler
+        return NodeInfo(
+            node_id=self.node_id, role=self.role, host=self.advertise_host, task_endpoint=self.task_endpoint,
+            cache_endpoint=self.peer_cache_endpoint, protocols=list(self.protocols), model=self.engine.source.location,
+            load=instance_load(self.role, (r.num_tokens for r in s.requests.values())),
+            num_running=s.num_running, num_waiting=s.num_waiting + len(s.reserving) + len(s.transferring),
+            num_free_blocks=s.block_manager.num_free_blocks, num_blocks=s.block_manager.num_blocks,
+            max_model_len=s.config.max_model_len, incarnation=self.incarnation, ts=0.0,
+            rdma_ports=parse_ports(self.args.rdma_comm_ports),
+        )
+
+    def watch(self, sock: zmq.Socket, handle) -> None:
+        """Poll `sock` in the loop; `handle(identity, message, rest)` gets each message."""
+        self._handlers[sock] = handle
+        self._poller.register(sock, zmq.POLLIN)
 
     def _bind(self, port: int, name: str) -> zmq.Socket:
         sock = self.zmq.socket(zmq.ROUTER)
@@ -76,14 +138,20 @@ class Instance:
         return sock
 
     def endpoint(self, port: int) -> str:
-        return f"tcp://{self.host}:{port}"
+        return f"tcp://{self.advertise_host}:{port}"
 
     def banner(self) -> str:
         e = self.engine
-        return (f"pdlab instance {self.instance_id}: role={self.role} model={e.source.location} dtype={e.dtype} "
+        text = (f"pdlab instance {self.instance_id}: role={self.role} model={e.source.location} dtype={e.dtype} "
                 f"device={e.device} kv_blocks={e.block_manager.num_blocks}x{e.config.block_size} "
-                f"protocol={self.protocol} engine_worker_queue={self.host}:{self.args.engine_worker_queue_port} "
+                f"protocols={','.join(self.protocols)} engine_worker_queue={self.host}:{self.args.engine_worker_queue_port} "
                 f"cache_queue={self.host}:{self.args.cache_queue_port}")
+        if self.args.pd_comm_port is not None:
+            text += f" pd_comm={self.host}:{self.args.pd_comm_port}"
+        if self.splitwise is not None:
+            text += (f" scheduler=splitwise@{self.splitwise.address} topic={self.splitwise.topic} "
+                     f"node={self.node_id}")
+        return "\n".join([text, *(f"  note: {n}" for n in self.protocol_notes)])
 
     def pong(self) -> Pong:
         s = self.engine.scheduler
@@ -94,32 +162,69 @@ class Instance:
             num_held=len(s.held), incarnation=self.incarnation,
             dtype=str(self.engine.dtype).removeprefix("torch."), device=str(self.engine.device),
             block_size=s.block_manager.block_size, max_model_len=s.config.max_model_len,
-            vocab_size=self.engine.model_config.vocab_size,
+            vocab_size=self.engine.model_config.vocab_size, scheduler="splitwise" if self.splitwise else "",
         )
 
     def stop(self, *_) -> None:
         self._stopping = True
 
     def serve(self) -> None:
-        handlers = {self.ewq: self._on_ewq, self.cache: self._on_cache, **self.handler.sockets()}
-        poller = zmq.Poller()
-        for sock in handlers:
-            poller.register(sock, zmq.POLLIN)
+        if self.agent is not None:
+            self.watch(self.agent.socket, None)
         try:
             while not self._stopping:
                 busy = self.engine.scheduler.has_work()
-                events = dict(poller.poll(0 if busy else 5))
-                for sock, handle in handlers.items():
-                    if sock in events:
+                events = dict(self._poller.poll(0 if busy else 5))
+                for sock, handle in list(self._handlers.items()):
+                    if sock not in events:
+                        continue
+                    if handle is None:
+                        self._drain_agent()
+                    else:
                         self._drain(sock, handle, routed=sock.type == zmq.ROUTER)
-                self.handler.tick(self.engine.clock())
+                now_s = self.engine.clock()
+                self.handler.tick(now_s)
+                if self.agent is not None:
+                    self.router.tick(now_s)
+                    if now_s >= self._next_info_s:
+                        self._next_info_s = now_s + self.splitwise.heartbeat_s
+                        self.agent.set_info(self.node_info())
                 if self.engine.scheduler.has_work():
                     self.handler.step()
         finally:
             self.handler.close()
+            if self.agent is not None:
+                self.agent.close()
             self.metrics.close()
             self.engine.kv_cache.close()
             self.zmq.destroy(linger=0)
+
+    def _drain_agent(self) -> None:
+        """Entries the agent popped from this node's Redis lists: tasks for the role, results for the router."""
+        from pdlab.cluster.splitwise.agent import INBOX
+        from pdlab.cluster.splitwise.wire import TaskAbort, decode_inbox, decode_update
+
+        while True:
+            try:
+                kind, payload = self.agent.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                if kind == INBOX:
+                    entry = decode_inbox(payload)
+                    if isinstance(entry, TaskAbort):
+                        if self.role != "prefill":
+                            self.handler.on_abort(entry.request_id)
+                    else:
+                        self.handler.on_task(entry)
+                else:
+                    self.router.on_update(decode_update(payload))
+            except MessageError as e:
+                log.warning("%s: dropped an entry of its Redis %s list: %s", self.instance_id, kind.decode(), e)
+            except PdlabError as e:
+                log.warning("%s: %s", self.instance_id, e)
+            except Exception:  # a bug in handling one entry must not take the instance down
+                log.exception("%s: failed to handle an entry of its Redis %s list", self.instance_id, kind.decode())
 
     def _drain(self, sock: zmq.Socket, handle, routed: bool) -> None:
         """Handle every queued message; a ROUTER's first frame is the sender's identity."""
@@ -147,14 +252,87 @@ class Instance:
             except Exception:  # a bug in handling one message must not take the instance down
                 log.exception("%s: failed to handle %s", self.instance_id, type(message).__name__)
 
-    def _on_ewq(self, identity: bytes, message, rest) -> None:
+    def _on_ewq(self, identity: bytes, message, rest, sock: zmq.Socket | None = None) -> None:
         if isinstance(message, Ping):
-            self.ewq.send_multipart([identity, encode(self.pong())])
+            (sock or self.ewq).send_multipart([identity, encode(self.pong())])
+        elif self.router is not None and isinstance(message, GenerateRequest):
+            self.router.on_generate(identity, message)
+        elif self.router is not None and isinstance(message, AbortRequest):
+            self.router.on_abort(message)
         else:
             self.handler.on_ewq(identity, message)
 
     def _on_cache(self, identity: bytes, message, rest) -> None:
         self.handler.on_cache(identity, message, rest)
+
+    def _on_pd(self, identity: bytes, message, rest) -> None:
+        """--pd-comm-port: what other instances would send to the engine-worker-queue or cache-queue port."""
+        if isinstance(message, (KVLayer, PrefillDone, PrefillFailed)):
+            self._on_cache(identity, message, rest)
+        elif not isinstance(message, (GenerateRequest, AbortRequest)):  # clients use the engine-worker-queue port
+            self._on_ewq(identity, message, rest, sock=self.pd)
+        else:
+            log.warning("%s: a client request on the pd-comm port; use the engine-worker-queue port", self.instance_id)
+
+
+def _advertised(host: str) -> str:
+    """The address peers can reach a wildcard-bound instance at (the machine's own, by its name)."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _splitwise_config(args: argparse.Namespace):
+    if args.scheduler_name != "splitwise":
+        return None
+    from pdlab.cluster.splitwise.agent import SplitwiseConfig
+
+    return SplitwiseConfig(host=args.scheduler_host, port=args.scheduler_port, password=args.scheduler_password,
+                           topic=args.scheduler_topic, ttl_s=args.scheduler_ttl, heartbeat_s=args.scheduler_heartbeat_s,
+                           expire_s=args.scheduler_expire_s, dispatch=args.scheduler_dispatch)
+
+
+def _usable_protocols(args: argparse.Namespace, device: str, splitwise: bool) -> tuple[list[str], list[str]]:
+    """The KV protocols this instance can use, preferred first, and notes on those it cannot.
+
+    rdma needs a device (checked now): named alone and missing, it is an error; listed with
+    others, they stand in. With the splitwise scheduler, tcp is always offered too: it is what
+    two instances on different hosts without a common fast protocol use.
+    """
+    try:
+        asked = parse_protocols(args.cache_transfer_protocol)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    usable, notes = [], []
+    for protocol in asked:
+        if protocol == "rdma":
+            try:
+                _check_rdma(args, device)
+            except TransferError as e:
+                if len(asked) == 1:
+                    raise ConfigError(f"--cache-transfer-protocol rdma: {e}; use tcp (works anywhere) or ipc") from None
+                notes.append(f"rdma is not usable here ({e}); using {', '.join(p for p in asked if p != 'rdma')}")
+                continue
+        if protocol not in usable:
+            usable.append(protocol)
+    if splitwise and "tcp" not in usable:
+        usable.append("tcp")
+    return usable, notes
+
+
+def _check_rdma(args: argparse.Namespace, device: str) -> None:
+    try:
+        from pdlab.transfer.rdma_setup import check_rdma
+    except ImportError as e:
+        raise TransferError(f"the rdma transport cannot be loaded: {e}") from None
+    check_rdma(os.environ.get("KVCACHE_RDMA_NICS", ""), _gpu_index(device))
+
+
+def _gpu_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
 
 
 def _wants_cuda(device: str) -> bool:

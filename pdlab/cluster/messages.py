@@ -97,6 +97,9 @@ class PrefillTask(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=T
     seed: int
     dst_block_ids: list[int]
     kv: KVDescriptor
+    # A request resumed after the instance serving it failed: the tokens it already generated.
+    # Their KV is computed and sent with the prompt's; the first token reported is the next one.
+    output_token_ids: list[int] = []
 
 
 class AbortPrefill(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -142,6 +145,9 @@ class RequestUpdate(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields
     num_prompt_tokens: int = 0
     text: str | None = None  # the whole output's text, on the final update
     logprobs: list[dict[int, float]] | None = None  # one entry per new token, when asked
+    # With an error: the request is not at fault (an instance it needed was lost), so a router may
+    # send it elsewhere, with the tokens it has so far.
+    retry: bool = False
 
 
 class Pong(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -160,6 +166,7 @@ class Pong(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     block_size: int = 0
     max_model_len: int = 0
     vocab_size: int = 0
+    scheduler: str = ""  # "splitwise": requests to this instance are routed through the global scheduler
 
 
 Message = (

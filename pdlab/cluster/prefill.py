@@ -57,11 +57,13 @@ class Prefill(Role):
     def on_task(self, task: PrefillTask) -> None:
         try:
             sender = self._sender(task.kv)
-            params = sampling_from_msg(task.sampling, max_tokens=1)
-            request = self.engine.make_request(task.prompt_token_ids, params, task.request_id, seed=task.seed)
+            # One token past the ones it has: the first a decode instance has not seen.
+            params = sampling_from_msg(task.sampling, max_tokens=len(task.output_token_ids) + 1)
+            request = self.engine.make_request(task.prompt_token_ids, params, task.request_id, seed=task.seed,
+                                               output_token_ids=task.output_token_ids)
             bs = self.engine.block_manager.block_size
-            if len(task.dst_block_ids) < -(-request.num_prompt_tokens // bs):
-                raise TransferError(f"{len(task.dst_block_ids)} destination blocks cannot hold {request.num_prompt_tokens} tokens")
+            if len(task.dst_block_ids) < -(-request.num_tokens // bs):
+                raise TransferError(f"{len(task.dst_block_ids)} destination blocks cannot hold {request.num_tokens} tokens")
         except (PdlabError, TransferError) as e:
             self._send_failed(task.kv, task.request_id, str(e))
             self.metrics.on_transfer_failed("prefill_failed")
@@ -75,7 +77,10 @@ class Prefill(Role):
         if target is None:
             return
         target.sender.abort(request_id)
-        target.sender.flush()  # nothing of it is in flight once this returns
+        try:
+            target.sender.flush()  # nothing of it is in flight once this returns
+        except TransferError as e:  # a failed write is as stopped as a finished one
+            log.warning("%s: flushing aborted %s: %s", self.instance.instance_id, request_id, e)
         self.engine.abort(request_id)
         self._release(request_id)
         self._send(target.sender, PrefillFailed(request_id, "aborted by the decode instance"))
@@ -97,8 +102,8 @@ class Prefill(Role):
             except TransferError as e:
                 self._fail(out.request_id, str(e))
                 continue
-            logprobs = out.logprobs[0] if out.logprobs else None
-            self._send(target.sender, PrefillDone(out.request_id, out.token_ids[0], logprobs, self.instance.instance_id))
+            logprobs = out.logprobs[-1] if out.logprobs else None
+            self._send(target.sender, PrefillDone(out.request_id, out.token_ids[-1], logprobs, self.instance.instance_id))
             now_s = self.engine.clock()
             target.ack_deadline_s = now_s + self.timeout_s
             self.metrics.on_prefill_done(out, now_s)

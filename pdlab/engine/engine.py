@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
+from pdlab.engine.attention import resolve_attention_backend
 from pdlab.engine.config import EngineConfig
 from pdlab.engine.kv_cache import KVCache
 from pdlab.engine.model_runner import KVWrittenHook, ModelRunner
@@ -40,6 +41,7 @@ class LLMEngine:
         model_config = self.source.config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        resolve_attention_backend(config.attention_backend, self.device)  # a bad one fails before the weights load
         self.tokenizer = self.source.load_tokenizer()
         self.model = load_model(self.source, self.dtype, self.device, config.seed, config.quantization)
         self.model_config = model_config
@@ -106,8 +108,14 @@ class LLMEngine:
         request_id: str | None = None,
         arrival_time_s: float | None = None,
         seed: int | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> Request:
-        """Validate a request and build its policy object; raises InvalidRequestError naming the problem."""
+        """Validate a request and build its policy object; raises InvalidRequestError naming the problem.
+
+        `output_token_ids`: tokens the request has already generated elsewhere (it resumes after
+        the instance that served it failed); they count towards `max_tokens` and are recomputed
+        with the prompt, and sampling goes on with the next output index.
+        """
         params = params or SamplingParams()
         token_ids = self.encode_prompt(prompt)
         if not token_ids:
@@ -121,6 +129,12 @@ class LLMEngine:
                 f"the prompt has {len(token_ids)} tokens; this model's context (max_model_len) is {max_len}, "
                 f"so prompts may have at most {max_len - 1}"
             )
+        outputs = list(output_token_ids)
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in outputs):
+            raise InvalidRequestError(f"output token ids must be integers in [0, {vocab})")
+        if outputs and (len(outputs) >= params.max_tokens or len(token_ids) + len(outputs) >= max_len):
+            raise InvalidRequestError(f"a resumed request has {len(outputs)} output tokens already: nothing is left "
+                                      f"to generate within max_tokens={params.max_tokens} and max_model_len={max_len}")
         if request_id is None:
             request_id = str(self._next_id)
             self._next_id += 1
@@ -135,6 +149,7 @@ class LLMEngine:
             arrival_time_s=self.clock() if arrival_time_s is None else arrival_time_s,
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
             seed=seed,
+            output_token_ids=outputs,
         )
 
     def add_request(

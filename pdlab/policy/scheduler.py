@@ -184,18 +184,21 @@ class Scheduler:
         self.reserving.append(request)
 
     def reserve(self) -> list[Request]:
-        """Decode side: give queued remote requests blocks for their prompt, in arrival order.
+        """Decode side: give queued remote requests blocks for their known tokens, in arrival order.
 
-        Returns the requests that got them (now TRANSFERRING): the caller sends
-        their prefill tasks with these block ids. The head of the queue waits
-        while blocks or sequence slots are short; nothing is dropped.
+        The known tokens are the prompt and, for a request resumed elsewhere
+        after an instance failed, the output tokens it already has: the remote
+        prefill computes the KV of all of them. Returns the requests that got
+        blocks (now TRANSFERRING): the caller sends their prefill tasks with
+        these block ids. The head of the queue waits while blocks or sequence
+        slots are short; nothing is dropped.
         """
         reserved = []
         while self.reserving and len(self.running) + len(self.transferring) < self.config.max_num_seqs:
             request = self.reserving[0]
-            if not self.block_manager.can_allocate(request, request.num_prompt_tokens):
+            if not self.block_manager.can_allocate(request, request.num_tokens):
                 break
-            self.block_manager.allocate(request, request.num_prompt_tokens)
+            self.block_manager.allocate(request, request.num_tokens)
             self.reserving.popleft()
             request.status = RequestStatus.TRANSFERRING
             self.transferring[request.request_id] = request
@@ -203,14 +206,15 @@ class Scheduler:
         return reserved
 
     def complete_transfer(self, request_id: str, first_token_id: int, now_s: float) -> Request | None:
-        """Decode side: the prompt's KV has landed; join the running batch with the first token.
+        """Decode side: the KV of the known tokens has landed; join the running batch with the token
+        the prefill sampled after them.
 
         Returns None for a request that is no longer transferring (aborted, timed out).
         """
         request = self.transferring.pop(request_id, None)
         if request is None:
             return None
-        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_computed_tokens = request.num_tokens
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         self.append_token(request, first_token_id, now_s)

@@ -24,7 +24,7 @@ from typing import Literal
 
 import simpy
 
-from pdlab.policy.dispatch import POLICIES, PowerOfTwo
+from pdlab.policy.dispatch import POLICIES, make_policy
 from pdlab.policy.request import Request
 from pdlab.sim.cost import CostModel
 from pdlab.sim.instance import DecodeInstance, InstanceSpec, PrefillInstance, SimInstance
@@ -59,10 +59,6 @@ class Layout:
     @property
     def num_total_instances(self) -> int:
         return self.num_instances if self.mode == "colocated" else self.num_prefill + self.num_decode
-
-
-def make_policy(name: str, seed: int):
-    return PowerOfTwo(seed) if POLICIES[name] is PowerOfTwo else POLICIES[name]()
 
 
 class SimCluster:

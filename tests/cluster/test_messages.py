@@ -49,17 +49,17 @@ EXAMPLES = [
     GenerateRequest("req-1", [1, 2, 3, 50_000], SAMPLING),
     AbortRequest("req-2"),
     Ping(),
-    PrefillTask("req-3", [5, 6, 7], SAMPLING, seed=2**63 - 1, dst_block_ids=[4, 5, 6], kv=KV),
+    PrefillTask("req-3", [5, 6, 7], SAMPLING, seed=2**63 - 1, dst_block_ids=[4, 5, 6], kv=KV, output_token_ids=[9, 8]),
     AbortPrefill("req-4"),
     KVLayer("req-5", layer=29, dst_block_ids=[7, 8], dtype="float16", shape=(2, 2, 16, 3, 64)),
     PrefillDone("req-6", first_token_id=42, logprobs={42: -0.25, 7: -1.5}, prefill_instance_id="prefill-0"),
     PrefillFailed("req-7", error="CUDA error: out of memory"),
     KVAck("req-8"),
     RequestUpdate("req-9", new_token_ids=[3, 4], finished=True, finish_reason="stop", error="detokenizer: bad byte",
-                  num_prompt_tokens=12, text="héllo ✓ 世界", logprobs=[{3: -0.1}, {4: -0.2, 9: -3.0}]),
+                  num_prompt_tokens=12, text="héllo ✓ 世界", logprobs=[{3: -0.1}, {4: -0.2, 9: -3.0}], retry=True),
     Pong("decode-1", role="decode", model="SmolLM2-135M", num_blocks=4096, num_free_blocks=4000, num_running=3,
          num_waiting=2, num_held=1, incarnation="7f3a", dtype="bfloat16", device="cuda:0", block_size=16,
-         max_model_len=8192, vocab_size=49152),
+         max_model_len=8192, vocab_size=49152, scheduler="splitwise"),
 ]
 EXAMPLE = {type(m): m for m in EXAMPLES}
 

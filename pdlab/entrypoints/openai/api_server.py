@@ -157,7 +157,9 @@ def banner(args: argparse.Namespace, pong: Pong, instance: InstanceProcess, http
          f"KV cache {pong.num_blocks} blocks x {pong.block_size} tokens, max_model_len {pong.max_model_len}"),
         (f"  HTTP http://{args.host}:{http_port}/v1  metrics {args.metrics_port or '-'}  "
          f"engine-worker-queue {args.engine_worker_queue_port}  cache-queue {args.cache_queue_port}"
-         + (f"  prefill {args.innode_prefill_ports}" if pong.role == "decode" else "")),
+         + (f"  prefill {args.innode_prefill_ports}" if pong.role == "decode" and args.innode_prefill_ports else "")
+         + (f"  scheduler splitwise@{args.scheduler_host}:{args.scheduler_port} (topic {args.scheduler_topic})"
+            if pong.scheduler == "splitwise" else "")),
         f"  instance log {instance.log_path} (pid {instance.proc.pid})",
     ]
     return "\n".join(lines)
@@ -181,7 +183,7 @@ def serve(args: argparse.Namespace, sock: socket.socket, instance: InstanceProce
         gone.append(why)
         server.should_exit = True
 
-    info = EngineInfo(args.model, pong.role, pong.max_model_len, pong.vocab_size)
+    info = EngineInfo(args.model, pong.role, pong.max_model_len, pong.vocab_size, routed=pong.scheduler == "splitwise")
     app = build_app(ServerConfig(info, tokenizer, instance.endpoint, engine_gone, on_engine_gone))
     config = uvicorn.Config(app, host=args.host, port=sock.getsockname()[1], log_level="info",
                             timeout_graceful_shutdown=5, lifespan="on")

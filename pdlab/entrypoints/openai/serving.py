@@ -46,6 +46,7 @@ class EngineInfo:
     role: str
     max_model_len: int
     vocab_size: int
+    routed: bool = False  # the splitwise scheduler routes requests: any role's server takes them
 
 
 @dataclass
@@ -109,7 +110,7 @@ class OpenAIServing:
 
     async def serve(self, body: SamplingFields, raw: Request) -> Response:
         self._check_model(body.model)
-        if self.info.role == "prefill":
+        if self.info.role == "prefill" and not self.info.routed:
             raise APIError(400, "this is a prefill instance (--splitwise-role prefill); send completions to the decode "
                                 "instance's --port, which reaches this one through --innode-prefill-ports",
                            code="wrong_instance_role")

@@ -1,0 +1,157 @@
+"""A real Redis server per test module (on a free loopback port, no persistence), and instance arguments.
+
+Skips with a reason when `redis-server` is not installed (`.ci/run` installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from pdlab.cluster.launch import free_port
+
+HEARTBEAT_S = 0.1
+EXPIRE_S = 1.5
+
+
+class RedisServer:
+    """`redis-server` on 127.0.0.1:`port`; can be killed and started again on the same port."""
+
+    def __init__(self, directory: Path, port: int | None = None, bind: tuple[str, ...] = ("127.0.0.1",),
+                 password: str | None = None) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.bind = bind
+        self.password = password
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = open(self.directory / f"redis-{self.port}.log", "a")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", *self.bind, "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory), *(["--requirepass", self.password] if self.password else [])],
+            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self.client().ping():
+                    return self
+            except redis.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.05)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=1,
+                           socket_timeout=2)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def splitwise_args(server: RedisServer, topic: str, protocol: str = "tcp", *, max_model_len: int = 512,
+                   ttl_s: float = 60.0, extra: list[str] = (), scheduler_host: str = "127.0.0.1") -> list[str]:
+    """Instance flags for a splitwise deployment on `server` under `topic` (each test its own topic)."""
+    return ["--device", "cpu", "--max-model-len", str(max_model_len), "--cache-transfer-protocol", protocol,
+            "--transfer-timeout-s", "3", "--scheduler-name", "splitwise", "--scheduler-host", scheduler_host,
+            "--scheduler-port", str(server.port), "--scheduler-topic", topic, "--scheduler-ttl", str(ttl_s),
+            "--scheduler-heartbeat-s", str(HEARTBEAT_S), "--scheduler-expire-s", str(EXPIRE_S),
+            *(["--scheduler-password", server.password] if server.password else []), *extra]
+
+
+def new_topic() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+class Hosts:
+    """Network namespaces on one bridge: "machines" with their own addresses, made and removed by the test.
+
+    The bridge (in this namespace) has `gateway`; namespace i has `address(i)`. `run_in(i, argv)` is the
+    prefix that runs a command inside namespace i. `cut(i)` takes namespace i's link down.
+    """
+
+    SUBNET = "10.231.{}.{}"
+
+    def __init__(self, count: int) -> None:
+        tag = f"{os.getpid() % 10000}{uuid.uuid4().hex[:3]}"
+        self.bridge = f"pdbr{tag}"
+        self.names = [f"pdns{tag}{i}" for i in range(count)]
+        self.third = os.getpid() % 200 + 20
+        self.gateway = self.SUBNET.format(self.third, 1)
+
+    def address(self, i: int) -> str:
+        return self.SUBNET.format(self.third, i + 2)
+
+    def run_in(self, i: int) -> list[str]:
+        return ["ip", "netns", "exec", self.names[i]]
+
+    def veth(self, i: int) -> str:
+        return f"pdv{self.names[i][4:]}"
+
+    def up(self) -> Hosts:
+        sh(f"ip link add {self.bridge} type bridge")
+        sh(f"ip addr add {self.gateway}/24 dev {self.bridge}")
+        sh(f"ip link set {self.bridge} up")
+        for i, name in enumerate(self.names):
+            sh(f"ip netns add {name}")
+            sh(f"ip link add {self.veth(i)} type veth peer name eth0 netns {name}")
+            sh(f"ip link set {self.veth(i)} master {self.bridge} up")
+            sh(f"ip -n {name} addr add {self.address(i)}/24 dev eth0")
+            sh(f"ip -n {name} link set eth0 up")
+            sh(f"ip -n {name} link set lo up")
+        return self
+
+    def cut(self, i: int) -> None:
+        sh(f"ip link set {self.veth(i)} down")
+
+    def down(self) -> None:
+        for i, name in enumerate(self.names):
+            sh(f"ip link del {self.veth(i)}", check=False)
+            sh(f"ip netns del {name}", check=False)
+        sh(f"ip link del {self.bridge}", check=False)
+
+
+def sh(command: str, check: bool = True) -> None:
+    result = subprocess.run(command.split(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{command}: {result.stderr.strip()}")
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    """Two "machines" (network namespaces); skips where namespaces cannot be made (not root, no iproute2)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2 (the CI machine has both)")
+    made = Hosts(2)
+    try:
+        made.up()
+    except RuntimeError as e:
+        made.down()
+        pytest.skip(f"cannot make network namespaces here: {e}")
+    try:
+        yield made
+    finally:
+        made.down()
