@@ -62,7 +62,8 @@ def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | N
     tokenizer = resolve_model(exp.model.name).load_tokenizer()
     requests = build_requests(exp, tokenizer)
     deployment = Deployment(exp.model.name, run.mode, exp.instance_args(), protocol=run.transfer_protocol,
-                            num_prefill=run.num_prefill, log_dir=log_dir)
+                            num_prefill=run.num_prefill, log_dir=log_dir,
+                            tensor_parallel_size=exp.engine.tensor_parallel_size)
     with deployment:
         engine = RemoteEngine(deployment.endpoint)
         try:

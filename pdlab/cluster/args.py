@@ -22,7 +22,8 @@ def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="decode only: the prefill instances' engine-worker-queue ports, comma-separated")
     p.add_argument("--cache-transfer-protocol", default="ipc",
                    help=f"KV transfer protocol(s), comma-separated, first usable wins: {', '.join(PROTOCOLS)}")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs (one process each) the model's weights and KV heads are sharded over")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="weight-only quantization of the linears (default none)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default loopback only)")
@@ -76,6 +77,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, max_model_len=args.max_model_len, seed=args.seed,
         quantization=args.quantization, attention_backend=args.attention_backend,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

@@ -3,10 +3,11 @@
     with Deployment(model="smollm2", mode="disaggregated", engine_args=[...]) as d:
         engine = RemoteEngine(d.endpoint)
 
-Devices: with two or more GPUs, prefill instances go on the first GPUs and the
-decode instance on the last (a colocated instance takes GPU 0); with one GPU
-every instance shares it (each gets a share of its memory); on a CPU machine
-each instance gets a share of the cores.
+Devices: an instance takes `tensor_parallel_size` consecutive GPUs (a group).
+With room for two or more groups, prefill instances go on the first groups and
+the decode instance on the last (a colocated instance takes the first); with
+one group every instance shares it (each gets a share of its memory); on a CPU
+machine each instance gets a share of the cores.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Deployment:
     num_prefill: int = 1
     log_dir: Path | None = None
     transfer_timeout_s: float = 30.0
+    tensor_parallel_size: int = 1  # GPUs per instance (the flag itself travels in engine_args)
     ready_timeout_s: float = 600.0
     instances: list[InstanceProcess] = field(default_factory=list)
 
@@ -50,13 +52,14 @@ class Deployment:
     def placement(self) -> list[dict[str, str]]:
         """Environment of each instance to start, in start order (prefills, then the entry point)."""
         num = 1 if self.mode == "colocated" else self.num_prefill + 1
-        gpus = _num_gpus()
-        if gpus:
-            if self.mode == "colocated" or gpus == 1:
-                devices = [0] * num
-            else:  # prefills round-robin over all GPUs but the last, which decodes
-                devices = [i % (gpus - 1) for i in range(num - 1)] + [gpus - 1]
-            return [{"CUDA_VISIBLE_DEVICES": str(d)} for d in devices]
+        tp = self.tensor_parallel_size
+        groups = _num_gpus() // tp
+        if _num_gpus():
+            if self.mode == "colocated" or groups <= 1:
+                indices = [0] * num
+            else:  # prefills round-robin over all groups but the last, which decodes
+                indices = [i % (groups - 1) for i in range(num - 1)] + [groups - 1]
+            return [{"CUDA_VISIBLE_DEVICES": ",".join(str(g * tp + r) for r in range(tp))} for g in indices]
         threads = str(max(1, (os.cpu_count() or 1) // num))
         return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(num)]
 

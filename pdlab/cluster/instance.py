@@ -46,8 +46,9 @@ class Instance:
         self.host = args.host
         self.advertise_host = args.advertise_host or _advertised(args.host)
         self.instance_id = args.instance_id or f"{self.role}:{args.engine_worker_queue_port}"
-        if args.tensor_parallel_size != 1:
-            raise ConfigError("--tensor-parallel-size > 1 is not supported yet by this engine")
+        if args.tensor_parallel_size != 1 and self.role != "mixed":
+            raise ConfigError(f"--tensor-parallel-size > 1 is not supported yet for --splitwise-role {self.role} "
+                              "(only mixed instances shard over several GPUs so far)")
         config = engine_config(args)
         self.splitwise = _splitwise_config(args)
         self.protocols, self.protocol_notes = _usable_protocols(args, config.device, self.splitwise is not None)
@@ -197,6 +198,7 @@ class Instance:
                 self.agent.close()
             self.metrics.close()
             self.engine.kv_cache.close()
+            self.engine.close()
             self.zmq.destroy(linger=0)
 
     def _drain_agent(self) -> None:

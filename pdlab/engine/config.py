@@ -31,3 +31,5 @@ class EngineConfig:
     # ConfigError when the engine loads the model (pdlab.models.load.load_model).
     quantization: str | None = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere; or "torch", "triton"
+    # GPUs (processes) one instance shards its weights and KV heads over; rank r uses cuda:r.
+    tensor_parallel_size: int = 1

@@ -14,9 +14,12 @@ from pdlab.engine.kv_cache import KVCache
 from pdlab.engine.model_runner import KVWrittenHook, ModelRunner
 from pdlab.engine.outputs import RequestOutput
 from pdlab.errors import ConfigError, InvalidRequestError
+from pdlab.models.config import ModelConfig
 from pdlab.models.load import load_model, resolve_device, resolve_dtype
+from pdlab.models.sharding import Shard
 from pdlab.models.source import resolve_model
 from pdlab.models.tokenizer import encode_chat
+from pdlab.models.transformer import Transformer
 from pdlab.policy.block_manager import BlockManager
 from pdlab.policy.request import Request
 from pdlab.policy.scheduler import Scheduler, SchedulerConfig
@@ -24,6 +27,57 @@ from pdlab.sampling_params import SamplingParams
 
 CPU_KV_CACHE_BYTES = 512 << 20
 MAX_DEFAULT_MODEL_LEN = 8192
+ACTIVATION_RESERVE_BYTES = 2 << 30
+
+
+def build_executor(config: EngineConfig, source, device: torch.device, dtype: torch.dtype, tp=None,
+                   kv_cache_shm_path: str | None = None) -> tuple[Transformer, KVCache, ModelRunner, int]:
+    """What every tensor-parallel rank holds: (its model shard, its KV cache, the runner, max_model_len).
+
+    Every rank sizes its cache from its own memory; with tensor parallelism they
+    agree on the smallest. The engine (rank 0) and `tp_worker` both call this.
+    """
+    model = load_model(source, dtype, device, config.seed, config.quantization, tp)
+    max_model_len = config.max_model_len or min(source.config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+    num_blocks = kv_cache_blocks(config, model.local_config, dtype, device)
+    if tp is not None:
+        num_blocks = tp.agree_min(num_blocks)
+    if num_blocks * config.block_size < max_model_len:
+        raise ConfigError(
+            f"the KV cache ({num_blocks} blocks of {config.block_size} tokens) cannot hold one sequence of "
+            f"max_model_len={max_model_len} tokens: give it more memory or lower max_model_len"
+        )
+    kv_cache = KVCache(model.local_config, num_blocks, config.block_size, dtype, device, kv_cache_shm_path)
+    return model, kv_cache, ModelRunner(model, kv_cache, config.attention_backend, tp), max_model_len
+
+
+def kv_cache_blocks(config: EngineConfig, local_config: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """KV blocks of `config.block_size` tokens this process's cache gets (its KV heads only)."""
+    if config.block_size <= 0:
+        raise ConfigError(f"block_size must be > 0, got {config.block_size}")
+    if config.num_blocks is not None:
+        return config.num_blocks
+    budget = config.kv_cache_memory_bytes
+    if budget is None and device.type == "cuda":
+        # What the card may use, less what is taken now (weights) and a reserve for activations.
+        free, total = torch.cuda.mem_get_info(device)
+        budget = max(0, int(total * config.gpu_memory_utilization) - (total - free) - ACTIVATION_RESERVE_BYTES)
+    elif budget is None:
+        budget = CPU_KV_CACHE_BYTES
+    return KVCache.num_blocks_for_budget(local_config, config.block_size, dtype, budget)
+
+
+def scheduler_config(config: EngineConfig, max_model_len: int) -> SchedulerConfig:
+    try:
+        return SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens
+            or (2048 if config.enable_chunked_prefill else max_model_len),
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            max_model_len=max_model_len,
+        )
+    except ValueError as e:
+        raise ConfigError(f"engine config: {e}") from None
 
 
 class LLMEngine:
@@ -33,62 +87,45 @@ class LLMEngine:
         """Load the model and size the KV cache (this reads weight files and allocates memory).
 
         `kv_cache_shm_path` puts a CPU KV cache in that shared-memory file (the
-        decode side of the `ipc` transport on a machine without GPUs).
+        decode side of the `ipc` transport on a machine without GPUs). With
+        `tensor_parallel_size` > 1 this process is rank 0 and starts the others
+        (pdlab/engine/parallel.py); `close` stops them.
         """
         self.config = config
         self.clock = clock
         self.source = resolve_model(config.model)
-        model_config = self.source.config
+        self.model_config = self.source.config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         resolve_attention_backend(config.attention_backend, self.device)  # a bad one fails before the weights load
         self.tokenizer = self.source.load_tokenizer()
-        self.model = load_model(self.source, self.dtype, self.device, config.seed, config.quantization)
-        self.model_config = model_config
+        self.tp = None
+        if not isinstance(config.tensor_parallel_size, int) or config.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be an integer >= 1, got {config.tensor_parallel_size!r}")
+        if config.tensor_parallel_size > 1:
+            from pdlab.engine import parallel
 
-        max_model_len = config.max_model_len or min(model_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
-        num_blocks = self._num_blocks(max_model_len)
+            Shard(self.model_config, 0, config.tensor_parallel_size)  # a size the model cannot take fails now
+            self.tp = parallel.start(config, self.device)
+            self.device = self.tp.device
         try:
-            self.scheduler_config = SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens
-                or (2048 if config.enable_chunked_prefill else max_model_len),
-                enable_chunked_prefill=config.enable_chunked_prefill,
-                max_model_len=max_model_len,
-            )
-        except ValueError as e:
-            raise ConfigError(f"engine config: {e}") from None
-        self.kv_cache = KVCache(model_config, num_blocks, config.block_size, self.dtype, self.device, kv_cache_shm_path)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+            self.model, self.kv_cache, self.runner, max_model_len = build_executor(
+                config, self.source, self.device, self.dtype, self.tp, kv_cache_shm_path)
+            self.scheduler_config = scheduler_config(config, max_model_len)
+        except BaseException:
+            self.close()
+            raise
+        self.block_manager = BlockManager(self.kv_cache.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
-        self.runner = ModelRunner(self.model, self.kv_cache, config.attention_backend)
         self._seeds = random.Random(config.seed)
         self._next_id = 0
         self._logprobs: dict[str, list[dict[int, float]]] = {}
 
-    def _num_blocks(self, max_model_len: int) -> int:
-        c = self.config
-        if c.block_size <= 0:
-            raise ConfigError(f"block_size must be > 0, got {c.block_size}")
-        if c.num_blocks is not None:
-            num_blocks = c.num_blocks
-        else:
-            budget = c.kv_cache_memory_bytes
-            if budget is None:
-                budget = self._cuda_kv_budget() if self.device.type == "cuda" else CPU_KV_CACHE_BYTES
-            num_blocks = KVCache.num_blocks_for_budget(self.model_config, c.block_size, self.dtype, budget)
-        if num_blocks * c.block_size < max_model_len:
-            raise ConfigError(
-                f"the KV cache ({num_blocks} blocks of {c.block_size} tokens) cannot hold one sequence of "
-                f"max_model_len={max_model_len} tokens: give it more memory or lower max_model_len"
-            )
-        return num_blocks
-
-    def _cuda_kv_budget(self) -> int:
-        # What the card may use, less what is taken now (weights) and a reserve for activations.
-        free, total = torch.cuda.mem_get_info(self.device)
-        activations = 2 << 30
-        return max(0, int(total * self.config.gpu_memory_utilization) - (total - free) - activations)
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (idempotent)."""
+        if self.tp is not None:
+            self.tp.close()
+            self.tp = None
 
     # --- requests ------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,27 +18,66 @@ from pdlab.engine.sampler import sample
 from pdlab.models.transformer import Transformer
 from pdlab.policy.scheduler import ScheduledBatch
 
+if TYPE_CHECKING:
+    from pdlab.engine.parallel import TensorParallel
+
 # Called as hook(layer_idx, batch) once the layer's new K and V are in the cache.
 KVWrittenHook = Callable[[int, ScheduledBatch], None]
 
 
+@dataclass
+class StepInputs:
+    """What every tensor-parallel rank needs to compute one step, on the host.
+
+    Rank 0 plans it from the scheduled batch and broadcasts it as a flat list of
+    ints (`encode`/`decode`): the token ids, positions and cache slots of the flat
+    batch, each sequence's slice and blocks, and the rows whose logits are needed.
+    """
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    seqs: list[SeqSlice]
+    sample_rows: list[int]
+
+    def encode(self) -> list[int]:
+        out = [len(self.input_ids), len(self.seqs), len(self.sample_rows),
+               *self.input_ids, *self.positions, *self.slots, *self.sample_rows]
+        for s in self.seqs:
+            out += [s.q_start, s.q_len, s.seq_len, len(s.block_ids), *s.block_ids]
+        return out
+
+    @classmethod
+    def decode(cls, data: list[int]) -> StepInputs:
+        T, num_seqs, num_rows = data[:3]
+        ids, pos, slots = data[3: 3 + T], data[3 + T: 3 + 2 * T], data[3 + 2 * T: 3 + 3 * T]
+        i = 3 + 3 * T
+        rows = data[i: i + num_rows]
+        i += num_rows
+        seqs = []
+        for _ in range(num_seqs):
+            q_start, q_len, seq_len, n = data[i: i + 4]
+            seqs.append(SeqSlice(q_start, q_len, seq_len, data[i + 4: i + 4 + n]))
+            i += 4 + n
+        return cls(ids, pos, slots, seqs, rows)
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, kv_cache: KVCache, attention_backend: str = "auto") -> None:
-        """`attention_backend`: "auto" (triton on CUDA, torch elsewhere), "torch" or "triton"; ConfigError otherwise."""
+    def __init__(self, model: Transformer, kv_cache: KVCache, attention_backend: str = "auto",
+                 tp: TensorParallel | None = None) -> None:
+        """`attention_backend`: "auto" (triton on CUDA, torch elsewhere), "torch" or "triton"; ConfigError otherwise.
+        `tp`: this process's tensor-parallel rank (rank 0 runs `execute`, the others `serve_worker`)."""
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = model.device
         self.attention_backend = resolve_attention_backend(attention_backend, self.device)
+        self.tp = tp
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, list[int]]:
-        """Flatten the batch: (input_ids [T], positions [T], context, rows of T to sample from)."""
+    def plan(self, batch: ScheduledBatch) -> StepInputs:
+        """Flatten the batch on the host: token ids, positions, cache slots, sequences, rows to sample."""
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seqs: list[SeqSlice] = []
-        sample_rows: list[int] = []
+        inputs = StepInputs([], [], [], [], [])
         for item in batch.items:
             request = item.request
             end = item.start + item.num_tokens
@@ -46,20 +86,38 @@ class ModelRunner:
                 tokens = request.prompt_token_ids[item.start:end]
             else:
                 tokens = request.all_token_ids[item.start:end]
-            seqs.append(SeqSlice(len(input_ids), item.num_tokens, end, request.block_ids[: -(-end // bs)]))
-            input_ids.extend(tokens)
+            inputs.seqs.append(SeqSlice(len(inputs.input_ids), item.num_tokens, end, request.block_ids[: -(-end // bs)]))
+            inputs.input_ids.extend(tokens)
             for p in range(item.start, end):
-                positions.append(p)
-                slots.append(request.block_ids[p // bs] * bs + p % bs)
+                inputs.positions.append(p)
+                inputs.slots.append(request.block_ids[p // bs] * bs + p % bs)
             if item.sample:
-                sample_rows.append(len(input_ids) - 1)
+                inputs.sample_rows.append(len(inputs.input_ids) - 1)
+        return inputs
 
+    def load(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
+        """The step's device tensors: (input_ids [T], positions [T], attention context)."""
         # One host-to-device copy for the int64 inputs, one (inside `build`) for the attention metadata.
-        T = len(input_ids)
-        flat = copy_to_device(torch.tensor(input_ids + positions + slots, dtype=torch.int64), self.device)
+        T = len(inputs.input_ids)
+        flat = copy_to_device(torch.tensor(inputs.input_ids + inputs.positions + inputs.slots, dtype=torch.int64),
+                              self.device)
         ids, pos, slot_mapping = flat.split([T, T, T])
-        ctx = AttentionContext.build(self.kv_cache, seqs, slot_mapping, self.attention_backend)
-        return ids, pos, ctx, sample_rows
+        ctx = AttentionContext.build(self.kv_cache, inputs.seqs, slot_mapping, self.attention_backend)
+        return ids, pos, ctx
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, list[int]]:
+        """(input_ids [T], positions [T], context, rows of T to sample from) of a batch."""
+        inputs = self.plan(batch)
+        return (*self.load(inputs), inputs.sample_rows)
+
+    def forward(self, inputs: StepInputs, on_kv_written: Callable[[int], None] | None = None) -> torch.Tensor | None:
+        """Run the model on one step (every rank); the logits of `inputs.sample_rows` [N, vocab], if any."""
+        ids, pos, ctx = self.load(inputs)
+        ctx.on_kv_written = on_kv_written
+        hidden = self.model(ids, pos, ctx)  # [T, hidden]
+        if not inputs.sample_rows:
+            return None
+        return self.model.compute_logits(hidden[inputs.sample_rows])  # [N, vocab]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, on_kv_written: KVWrittenHook | None = None) -> StepOutput:
@@ -67,14 +125,14 @@ class ModelRunner:
         out = StepOutput()
         if not batch.items:
             return out
-        ids, pos, ctx, sample_rows = self.prepare(batch)
-        if on_kv_written is not None:
-            ctx.on_kv_written = lambda layer: on_kv_written(layer, batch)
-        hidden = self.model(ids, pos, ctx)  # [T, hidden]
-        to_sample = [item for item in batch.items if item.sample]
-        if not to_sample:
+        inputs = self.plan(batch)
+        if self.tp is not None:
+            self.tp.broadcast_ints(inputs.encode())
+        hook = None if on_kv_written is None else (lambda layer: on_kv_written(layer, batch))
+        logits = self.forward(inputs, hook)
+        if logits is None:
             return out
-        logits = self.model.compute_logits(hidden[sample_rows])  # [N, vocab]
+        to_sample = [item for item in batch.items if item.sample]
         params = [item.request.params for item in to_sample]
         tokens = sample(
             logits,
@@ -88,6 +146,12 @@ class ModelRunner:
             out.logprobs = top_logprobs(logits[want], [params[r].logprobs for r in want],
                                         [tokens[r] for r in want], [to_sample[r].request.request_id for r in want])
         return out
+
+    @torch.inference_mode()
+    def serve_worker(self) -> None:
+        """A tensor-parallel rank > 0: compute every step rank 0 broadcasts, until an empty one."""
+        while data := self.tp.broadcast_ints(None):
+            self.forward(StepInputs.decode(data))
 
 
 @dataclass

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pdlab.errors import ConfigError
 from pdlab.models.quant import QuantizationError, quant_method
 from pdlab.models.source import ModelSource
 from pdlab.models.transformer import Transformer
+
+if TYPE_CHECKING:
+    from pdlab.engine.parallel import TensorParallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,7 +32,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(
-    source: ModelSource, dtype: torch.dtype, device: torch.device, seed: int = 0, quantization: str | None = None
+    source: ModelSource, dtype: torch.dtype, device: torch.device, seed: int = 0, quantization: str | None = None,
+    tp: TensorParallel | None = None,
 ) -> Transformer:
     """Weights from the source's files, or random ones (seeded) for a preset; optionally quantized.
 
@@ -44,16 +50,18 @@ def load_model(
     loading, counts only what the quantized model holds (plus whatever the
     caching allocator cannot release: a conservative error).
 
+    With `tp`, this rank's shard (pdlab/models/sharding.py) of the same weights.
+
     Raises ConfigError for an unknown method or a layer whose shape it cannot
-    take (naming the layer).
+    take (naming the layer), or a tensor-parallel size the shape does not divide.
     """
     method = None if quantization is None else quant_method(quantization)
     try:
         if source.kind == "preset" and method is not None:
-            model = Transformer(source.config, dtype=dtype, device="meta")
+            model = Transformer(source.config, dtype=dtype, device="meta", tp=tp)
             model.init_random(seed, quantization=method, device=device)
         else:
-            model = Transformer(source.config, dtype=dtype, device=device)
+            model = Transformer(source.config, dtype=dtype, device=device, tp=tp)
             if source.kind == "preset":
                 model.init_random(seed)
             else:

@@ -11,12 +11,19 @@ The four linears of a layer (qkv_proj, o_proj, gate_up_proj, down_proj) go
 through `pdlab.models.quant.linear`, so each may be a plain Parameter or a
 `QuantizedWeight` (wint8/wint4, `Transformer.quantize_`); the embedding table,
 lm_head, norms and biases are never quantized.
+
+With tensor parallelism (`tp`, pdlab/engine/parallel.py) the model holds one
+rank's shard (pdlab/models/sharding.py): its layers compute with the local
+shape, o_proj and down_proj outputs are all-reduced, the embedding is
+vocabulary-parallel (all-reduced) and the logits are all-gathered. Loading
+and random initialisation take each rank's part of the very weights the
+whole model gets, so every tensor-parallel size computes the same function.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,9 +32,11 @@ from torch import nn
 
 from pdlab.models.config import ModelConfig, RopeScaling
 from pdlab.models.quant import QuantMethod, QuantizedWeight, linear, quantize
+from pdlab.models.sharding import Shard
 
 if TYPE_CHECKING:
     from pdlab.engine.attention import AttentionContext
+    from pdlab.engine.parallel import TensorParallel
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -69,12 +78,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] = _identity) -> None:
+        """`config`: the shape this layer computes with (a tensor-parallel rank's local one); `reduce`
+        sums the row-parallel outputs over the ranks."""
         super().__init__()
         c = config
         self.config = c
         self.layer_idx = layer_idx
+        self.reduce = reduce
         e = dict(dtype=dtype, device=device)
         self.input_layernorm = nn.Parameter(torch.ones(c.hidden_size, **e))
         self.qkv_proj = nn.Parameter(torch.empty(c.q_size + 2 * c.kv_size, c.hidden_size, **e))
@@ -100,10 +117,10 @@ class DecoderLayer(nn.Module):
             k = rms_norm(k, self.k_norm, c.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = ctx.attention(self.layer_idx, q, k, v)  # [T, num_heads, head_dim]
-        x = x + linear(attn.reshape(T, c.q_size), self.o_proj)
+        x = x + self.reduce(linear(attn.reshape(T, c.q_size), self.o_proj))
         h = rms_norm(x, self.post_attention_layernorm, c.rms_norm_eps)
         gate, up = linear(h, self.gate_up_proj).chunk(2, dim=-1)
-        return x + linear(F.silu(gate) * up, self.down_proj)
+        return x + self.reduce(linear(F.silu(gate) * up, self.down_proj))
 
     @torch.no_grad()
     def quantize_(self, method: QuantMethod) -> None:
@@ -148,18 +165,30 @@ _LAYER_NAMES = {
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 tp: TensorParallel | None = None) -> None:
+        """`config`: the whole model's shape; with `tp`, this rank's shard of it is built."""
         super().__init__()
         device = torch.device(device)
         self.config = config
         self.dtype = dtype
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.shard = Shard(config, self.tp.rank, self.tp.size) if self.tp is not None else None
+        local = self.shard.local_config() if self.shard is not None else config
+        reduce = self.tp.all_reduce if self.tp is not None else _identity
+        vocab_rows = self.shard.vocab_per_rank if self.shard is not None else config.vocab_size
         e = dict(dtype=dtype, device=device)
-        self.embed_tokens = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, **e))
-        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device) for i in range(config.num_layers))
+        self.embed_tokens = nn.Parameter(torch.empty(vocab_rows, config.hidden_size, **e))
+        self.layers = nn.ModuleList(DecoderLayer(local, i, dtype, device, reduce) for i in range(config.num_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size, **e))
-        self.lm_head = None if config.tie_word_embeddings else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, **e))
+        self.lm_head = None if config.tie_word_embeddings else nn.Parameter(torch.empty(vocab_rows, config.hidden_size, **e))
         inv_freq = rope_inv_freq(config).to(device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def local_config(self) -> ModelConfig:
+        """The shape this process computes with: its KV heads are what its KV cache holds."""
+        return self.shard.local_config() if self.shard is not None else self.config
 
     @property
     def device(self) -> torch.device:
@@ -169,15 +198,27 @@ class Transformer(nn.Module):
         """input_ids, positions: [T] (all scheduled tokens, flattened). Returns hidden states [T, hidden]."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, head_dim / 2]
         cos, sin = freqs.cos(), freqs.sin()
-        x = F.embedding(input_ids, self.embed_tokens)
+        x = self.embed(input_ids)  # [T, hidden]
         for layer in self.layers:
             x = layer(x, cos, sin, ctx)
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.shard is None:
+            return F.embedding(input_ids, self.embed_tokens)
+        # Vocabulary-parallel: each rank looks up the ids in its rows (zeros elsewhere); the sum is the row.
+        local = input_ids - self.shard.vocab.start
+        inside = (local >= 0) & (local < self.shard.vocab_per_rank)
+        x = F.embedding(local.clamp(0, self.shard.vocab_per_rank - 1), self.embed_tokens) * inside[:, None]
+        return self.tp.all_reduce(x)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] -> float32 logits [N, vocab]."""
+        """hidden: [N, hidden] -> float32 logits [N, vocab] (every tensor-parallel rank must call it)."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        logits = F.linear(hidden, head)  # [N, vocab rows here]
+        if self.shard is not None:
+            logits = self.tp.all_gather_last(logits)[:, : self.config.vocab_size]
+        return logits.float()
 
     # --- weights -----------------------------------------------------------------
 
@@ -196,6 +237,8 @@ class Transformer(nn.Module):
             if isinstance(param, QuantizedWeight):
                 raise ValueError(f"weight {name}: the model is already quantized; load weights before quantize_")
             dest = param if shard is None else self._shard(param, attr, shard)
+            if self.shard is not None:
+                tensor = self.shard.take_part(attr, shard, tensor)
             if dest.shape != tensor.shape:
                 raise ValueError(f"weight {name}: shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
             dest.copy_(tensor)
@@ -225,7 +268,7 @@ class Transformer(nn.Module):
         raise ValueError(f"unexpected weight {name!r} in checkpoint")
 
     def _shard(self, param: torch.Tensor, attr: str, shard: int) -> torch.Tensor:
-        c = self.config
+        c = self.local_config
         sizes = [c.intermediate_size] * 2 if attr == "gate_up_proj" else [c.q_size, c.kv_size, c.kv_size]
         offset = sum(sizes[:shard])
         return param[offset: offset + sizes[shard]]
@@ -256,11 +299,15 @@ class Transformer(nn.Module):
             self.to_empty(device=device, recurse=False)  # embedding, final norm, lm_head
             self.inv_freq = rope_inv_freq(self.config).to(device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        _fill_random(self.named_parameters(recurse=False), generator, std)
-        for layer in self.layers:
+        # A tensor-parallel shard draws each whole matrix, as the whole model does, and keeps its part.
+        whole = Transformer(self.config, self.dtype, device="meta") if self.shard is not None else None
+        _fill_random(self.named_parameters(recurse=False), generator, std, self.shard,
+                     whole and dict(whole.named_parameters(recurse=False)))
+        for i, layer in enumerate(self.layers):
             if layer.qkv_proj.device.type == "meta":
                 layer.to_empty(device=self.device)
-            _fill_random(layer.named_parameters(), generator, std)
+            _fill_random(layer.named_parameters(), generator, std, self.shard,
+                         whole and dict(whole.layers[i].named_parameters()))
             if quantization is not None:
                 layer.quantize_(quantization)
 
@@ -285,9 +332,13 @@ class Transformer(nn.Module):
         return total
 
 
-def _fill_random(params: Iterable[tuple[str, nn.Parameter]], generator: torch.Generator, std: float) -> None:
+def _fill_random(params: Iterable[tuple[str, nn.Parameter]], generator: torch.Generator, std: float,
+                 shard: Shard | None = None, whole: dict[str, nn.Parameter] | None = None) -> None:
     for name, param in params:
-        if param.dim() >= 2:
+        if param.dim() >= 2 and shard is not None:
+            full = torch.empty(whole[name].shape, dtype=param.dtype, device=param.device)
+            param.copy_(shard.take(name, full.normal_(0.0, std, generator=generator)))
+        elif param.dim() >= 2:
             param.normal_(0.0, std, generator=generator)
         elif name.endswith("bias"):
             param.zero_()

@@ -85,10 +85,20 @@ def test_a_taken_http_port_exits_2_naming_it(servers):
     assert not list(server.log_dir.glob("mixed-*.log")), "no instance should start"
 
 
-@pytest.mark.parametrize("flag,value", [("--tensor-parallel-size", "4")])
-def test_flags_the_engine_does_not_support_yet_exit_2_with_the_instance_log(servers, flag, value):
-    server = servers.start("mixed", "tiny", [*ENGINE_ARGS, flag, value])
-    assert_one_clear_error(server, "exited with code 2", flag, "not supported yet")
+def test_tensor_parallel_prefill_and_decode_instances_exit_2_as_not_supported_yet(servers):
+    server = servers.start("prefill", "tiny", [*ENGINE_ARGS, "--tensor-parallel-size", "2"])
+    assert_one_clear_error(server, "exited with code 2", "--tensor-parallel-size", "not supported yet")
+
+
+def test_a_tensor_parallel_mixed_server_answers_as_a_single_rank_one_does(servers):
+    sharded = servers.start("mixed", "tiny", [*ENGINE_ARGS, "--tensor-parallel-size", "2"])
+    whole = servers.start("mixed", "tiny", ENGINE_ARGS)
+    texts = []
+    for server in (sharded.wait_ready(), whole.wait_ready()):
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60.0)
+        texts.append([client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0).choices[0].text
+                      for p in ("a lighthouse", "the keeper climbed")])
+    assert texts[0] == texts[1]
 
 
 def test_a_quantization_the_model_cannot_take_exits_2_naming_the_layer(servers):

@@ -1,0 +1,162 @@
+"""Tensor parallelism: one process per rank, torch.distributed between them.
+
+The engine process is rank 0: it owns the scheduler, and for every step it
+broadcasts what to compute (`StepInputs`, as a flat int64 tensor: never
+pickle) to the other ranks, which run `python -m pdlab.engine.tp_worker` and
+do nothing but execute steps. Every rank holds its shard of the weights
+(`pdlab/models/sharding.py`) and of the KV cache (its KV heads); the
+row-parallel linears and the vocabulary-parallel embedding all-reduce, and
+the LM head all-gathers the logits.
+
+Two process groups: the default one for tensors (NCCL on GPUs, gloo on
+CPUs) and a gloo group for the small per-step metadata, which the ranks need
+on the host (vLLM does the same). Rank r uses `cuda:r` of the devices the
+process sees (`CUDA_VISIBLE_DEVICES`). A worker dies with its rank 0
+(PR_SET_PDEATHSIG), and rank 0 ends the group on `close`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pdlab.errors import ConfigError
+
+STEP_TIMEOUT = timedelta(hours=2)  # a worker waits this long for rank 0's next step
+
+
+@dataclass
+class TensorParallel:
+    rank: int
+    size: int
+    device: torch.device
+    cpu_group: object = None  # gloo group for host-side metadata
+    workers: list[subprocess.Popen] = field(default_factory=list)  # rank 0 only
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    # --- collectives -------------------------------------------------------------------------
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., n] on each rank -> [..., size * n], rank order."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def agree_min(self, value: int) -> int:
+        """The smallest of every rank's `value` (e.g. the KV blocks each rank's memory allows)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(t.item())
+
+    def broadcast_ints(self, values: list[int] | None) -> list[int]:
+        """Rank 0's list of ints, on every rank (length first, then the values)."""
+        n = torch.tensor([len(values) if values is not None else 0], dtype=torch.int64)
+        dist.broadcast(n, src=0, group=self.cpu_group)
+        data = torch.tensor(values, dtype=torch.int64) if values is not None else torch.empty(int(n), dtype=torch.int64)
+        if int(n):
+            dist.broadcast(data, src=0, group=self.cpu_group)
+        return data.tolist()
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Rank 0: tell the workers to stop (an empty step), wait for them, end the group."""
+        if self.is_driver and self.workers:
+            try:
+                self.broadcast_ints([])
+            except Exception:  # a worker already gone: kill the rest below
+                pass
+            for proc in self.workers:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            self.workers = []
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def tp_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r's device: cuda:r (of the visible GPUs) on CUDA; the CPU otherwise."""
+    if device.type != "cuda":
+        return device
+    if rank >= torch.cuda.device_count():
+        raise ConfigError(f"tensor parallelism needs a GPU per rank: rank {rank} of {torch.cuda.device_count()} "
+                          "visible GPUs (CUDA_VISIBLE_DEVICES)")
+    return torch.device("cuda", rank)
+
+
+def _init(rank: int, size: int, init_method: str, device: torch.device) -> TensorParallel:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                            timeout=STEP_TIMEOUT)
+    cpu_group = dist.new_group(backend="gloo", timeout=STEP_TIMEOUT) if backend != "gloo" else dist.group.WORLD
+    return TensorParallel(rank, size, device, cpu_group)
+
+
+def start(config, device: torch.device) -> TensorParallel:
+    """Rank 0: start ranks 1..size-1 as `python -m pdlab.engine.tp_worker` processes and join them."""
+    from pdlab.cluster.launch import free_port
+
+    size = config.tensor_parallel_size
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        raise ConfigError(f"--tensor-parallel-size {size} needs {size} GPUs; {torch.cuda.device_count()} visible "
+                          "(CUDA_VISIBLE_DEVICES)")
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    payload = json.dumps(asdict(config))
+    env = {**os.environ}
+    workers = []
+    for rank in range(1, size):
+        argv = [sys.executable, "-m", "pdlab.engine.tp_worker", "--rank", str(rank), "--size", str(size),
+                "--init-method", init_method, "--device", device.type]
+        workers.append(subprocess.Popen(argv, stdin=subprocess.PIPE, env=env, start_new_session=True,
+                                        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
+    for proc in workers:
+        proc.stdin.write(payload.encode())
+        proc.stdin.close()
+    try:
+        tp = _init(0, size, init_method, tp_device(device, 0))
+    except Exception as e:
+        for proc in workers:
+            proc.kill()
+        raise ConfigError(f"tensor parallelism: the {size} ranks could not form a group: {e}") from None
+    tp.workers = workers
+    return tp
+
+
+def join(rank: int, size: int, init_method: str, device: torch.device) -> TensorParallel:
+    """A worker: join rank 0's group."""
+    return _init(rank, size, init_method, tp_device(device, rank))
+
+
+def check_workers(tp: TensorParallel | None) -> None:
+    """Rank 0: raise if a worker died (its collectives would never complete)."""
+    if tp is None:
+        return
+    for rank, proc in enumerate(tp.workers, start=1):
+        if proc.poll() is not None:
+            raise RuntimeError(f"tensor-parallel rank {rank} exited with code {proc.returncode}")
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
