@@ -1,4 +1,4 @@
-"""Simulator speed: 10k requests on a 16-instance cluster (8 prefill + 8 decode, and 16 mixed), one core.
+"""Simulator speed: 10k requests on a 16-instance cluster (8 prefill + 8 decode, both routings, and 16 mixed), one core.
 
     python benchmarks/sim_speed.py [--num-requests 10000] [--rate-rps 100]
 
@@ -41,6 +41,9 @@ def main() -> None:
     layouts = {
         "8P+8D": Layout(instance, mode="disaggregated", num_prefill=8, num_decode=8, link=LINKS["nvlink"],
                         kv_bytes_per_token=model.kv_bytes_per_token(2), num_layers=model.num_layers),
+        "8P+8D splitwise": Layout(instance, mode="disaggregated", num_prefill=8, num_decode=8, link=LINKS["nvlink"],
+                                  kv_bytes_per_token=model.kv_bytes_per_token(2), num_layers=model.num_layers,
+                                  routing="splitwise", heartbeat_s=0.2),
         "16 mixed": Layout(instance, mode="colocated", num_instances=16),
     }
     results = []
@@ -51,7 +54,7 @@ def main() -> None:
         steps = sum(i.num_steps for i in cluster.instances)
         tokens = sum(r.num_prompt_tokens + r.num_output_tokens for r in records)
         s = summarize(records)
-        print(f"{name:9s} {len(records)} requests: wall {wall_s:.2f} s, simulated {max(r.finish_s for r in records):.1f} s, "
+        print(f"{name:15s} {len(records)} requests: wall {wall_s:.2f} s, simulated {max(r.finish_s for r in records):.1f} s, "
               f"{steps} steps ({steps / wall_s:,.0f}/s), {tokens / wall_s:,.0f} tokens/s; "
               f"ttft p50 {s['ttft_p50_ms']:.1f} ms, tpot p50 {s['tpot_p50_ms']:.1f} ms, "
               f"output {s['output_throughput_tokens_per_s']:,.0f} tok/s")

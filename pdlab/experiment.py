@@ -260,6 +260,16 @@ class RunSection(_Section):
     backend: Literal["real", "sim"] = "real"
     gpu: Literal["h100"] = "h100"  # sim: the GPU the roofline cost model assumes
     link: Literal["nvlink", "pcie", "rdma", "ideal"] = "nvlink"  # sim, disaggregated: the KV link
+    # sim: who picks the instances (pdlab/sim/cluster.py): innode, the decode entry point picks a prefill;
+    # splitwise, a router picks both by FastDeploy's loads. A real run's routing is innode.
+    routing: Literal["innode", "splitwise"] = "innode"
+
+    @model_validator(mode="after")
+    def _splitwise_is_simulated(self):
+        if self.routing == "splitwise" and self.backend != "sim":
+            raise ValueError("routing: splitwise runs only with backend: sim (a real splitwise deployment needs Redis: "
+                             "docs/splitwise.md)")
+        return self
 
 
 class SloSection(_Section):

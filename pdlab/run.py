@@ -78,14 +78,22 @@ def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | N
 def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> RunResult:
     """Serve the same request list in the SimPy model: the real scheduler, a roofline cost per step."""
     from pdlab.models.source import resolve_model
+    from pdlab.models.tokenizer import ByteTokenizer
     from pdlab.policy.scheduler import SchedulerConfig
-    from pdlab.sim import GPUS, LINKS, InstanceSpec, Layout, RooflineCost, simulate
+    from pdlab.sim import GPUS, LINKS, InstanceSpec, Layout, simulate
+    from pdlab.sim.models import SIM_MODELS, sim_model
 
-    source = resolve_model(exp.model.name)
-    model = source.config
-    requests = build_requests(exp, source.load_tokenizer())
+    sim = sim_model(exp.model.name)  # the dense presets, the simulator-only MoE models, or a model directory
+    model = sim.config
+    tokenizer = ByteTokenizer.for_config(model) if exp.model.name in SIM_MODELS \
+        else resolve_model(exp.model.name).load_tokenizer()
+    requests = build_requests(exp, tokenizer)
     e = exp.engine
-    cost = RooflineCost(model, GPUS[run.gpu], kv_bytes=2)
+    weight_bits = {None: 16, "wint8": 8, "wint4": 4}[exp.model.quantization]
+    try:
+        cost = sim.cost(GPUS[run.gpu], tp=e.tensor_parallel_size, weight_bits=weight_bits)
+    except ValueError as err:
+        raise PdlabError(f"engine.tensor_parallel_size: {err}") from None
     max_model_len = e.max_model_len or min(model.max_position_embeddings, 8192)
     try:
         scheduler = SchedulerConfig(
@@ -95,8 +103,13 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     except ValueError as err:
         raise PdlabError(f"engine: {err}") from None
     num_blocks = e.num_blocks or cost.max_num_blocks(e.block_size, e.gpu_memory_utilization)
+    if num_blocks * e.block_size < max_model_len:
+        raise PdlabError(f"run {run.name}: {model.name}'s weights leave room for {num_blocks * e.block_size} KV tokens "
+                         f"per GPU, fewer than max_model_len ({max_model_len}); raise engine.tensor_parallel_size "
+                         f"or quantize (model.quantization)")
     layout = Layout(InstanceSpec(scheduler, num_blocks, e.block_size), mode=run.mode, num_prefill=run.num_prefill,
-                    link=LINKS[run.link], kv_bytes_per_token=model.kv_bytes_per_token(2), num_layers=model.num_layers)
+                    link=LINKS[run.link], kv_bytes_per_token=model.kv_bytes_per_token(2), num_layers=model.num_layers,
+                    routing=run.routing)
     records = [replace(r, mode=run.mode) for r in simulate(requests, layout, cost, seed=exp.seed)]
     return RunResult(run, records, _summarize(exp, records))
 

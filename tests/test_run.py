@@ -105,3 +105,45 @@ slo: {ttft_ms: 500, tpot_ms: 50}
     assert by_mode["colocated"] == by_mode["disaggregated"]  # the same requests, arriving at the same times
     assert all(r.num_output_tokens == 32 for r in records)
     assert "1p1d" in capsys.readouterr().out
+
+
+def test_sim_backend_runs_fastdeploys_ernie_deployment_with_both_routings(tmp_path, capsys):
+    text = """
+name: erniesim
+model: {name: ernie-4.5-300b-a47b, quantization: wint4}
+engine: {max_num_seqs: 32, max_num_batched_tokens: 2048, max_model_len: 4096, tensor_parallel_size: 4}
+workload:
+  num_requests: 30
+  arrival: {kind: poisson, rate_rps: 4}
+  prompt_len: {kind: uniform, min_tokens: 64, max_tokens: 1024}
+  output_len: {kind: fixed, tokens: 16}
+runs:
+  - {name: innode, mode: disaggregated, num_prefill: 2, backend: sim}
+  - {name: splitwise, mode: disaggregated, num_prefill: 2, backend: sim, routing: splitwise}
+"""
+    assert main([str(write(tmp_path, text)), "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    records = read_records_csv(tmp_path / "erniesim" / "records.csv")
+    assert len(records) == 60 and all(r.ok and r.backend == "sim" and r.num_output_tokens == 16 for r in records)
+    assert "splitwise" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("run, expected", [
+    ("{name: r, mode: disaggregated, routing: splitwise}", "routing: splitwise runs only with backend: sim"),
+    ("{name: s, mode: disaggregated, backend: sim, routing: redis}", "runs[0].routing"),
+])
+def test_routing_mistakes(tmp_path, run, expected):
+    text = BASE.split("runs:")[0] + f"runs:\n  - {run}\n"
+    result = cli(str(write(tmp_path, text)), "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_model_too_big_for_its_gpus_is_refused_in_the_sim(tmp_path):
+    text = """
+name: toobig
+model: ernie-4.5-300b-a47b
+workload: {num_requests: 2, arrival: {kind: burst}, prompt_len: {kind: fixed, tokens: 8}, output_len: {kind: fixed, tokens: 2}}
+runs: [{name: one, backend: sim}]
+"""
+    result = cli(str(write(tmp_path, text)), "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and "raise engine.tensor_parallel_size" in result.stderr
+    assert "Traceback" not in result.stderr

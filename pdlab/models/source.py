@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pdlab.errors import ModelNotFoundError
+from pdlab.errors import ConfigError, ModelNotFoundError
 from pdlab.models.config import ModelConfig
 from pdlab.models.presets import PRESETS
 from pdlab.models.tokenizer import ByteTokenizer, Tokenizer
@@ -90,6 +90,11 @@ def resolve_model(name_or_path: str | Path) -> ModelSource:
         from pdlab.models.gguf_file import find_default_gguf
 
         return _gguf_source(find_default_gguf())
+    from pdlab.sim.models import MOE_MODELS  # the simulator's own models (torch-free), looked up only here
+
+    if name in MOE_MODELS:
+        raise ConfigError(f"{name} is a mixture-of-experts model that only the simulator runs (a run with backend: sim, "
+                          "python -m pdlab.placement); the engine runs dense Llama, Qwen and Mistral models")
     raise ModelNotFoundError(_not_found_message(name, path))
 
 

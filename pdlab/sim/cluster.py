@@ -1,16 +1,25 @@
-"""A simulated deployment: its instances, its KV links, and the dispatcher in front of them.
+"""A simulated deployment: its instances, its KV links, and the routing in front of them.
 
-Colocated: `num_instances` mixed instances; each arriving request goes to the
-one the dispatch policy picks by load (unfinished requests).
+Two routings, as in `pdlab/cluster/` (`Layout.routing`):
 
-Disaggregated (xPyD): each arriving request goes to a decode instance picked
-the same way; that decode instance reserves blocks for the prompt (admission
-control, in order) and then sends the prefill task to a prefill instance
-picked by the same policy class over the prefills' outstanding tasks, as
-`pdlab/cluster/decode.py` does with `LeastLoaded`. Here every decode instance
-sees every prefill's true outstanding count (a global scheduler's view, like
-FastDeploy's splitwise scheduler); the real single-machine decode counts only
-its own tasks, which is the same thing with one decode instance.
+`"innode"`, FastDeploy's single-machine mode. Colocated: each arriving
+request goes to the mixed instance the dispatch policy picks by load
+(unfinished requests). Disaggregated (xPyD): each arriving request goes to a
+decode instance picked the same way; that decode instance reserves blocks for
+the prompt (admission control, in order) and only then sends the prefill task
+to a prefill instance picked by the same policy class over the prefills'
+outstanding tasks, as `pdlab/cluster/decode.py` does with `LeastLoaded`. Here
+every decode instance sees every prefill's true outstanding count; the real
+single-machine decode counts only its own tasks, which is the same thing with
+one decode instance. Default policy: `least_loaded`.
+
+`"splitwise"`, FastDeploy's Redis mode: a router (`router.py`) picks the
+prefill AND the decode instance at arrival with `select_pd` over FastDeploy's
+loads (prompt tokens in flight on a prefill, requests on a decode) and
+near-tie widths, optionally through heartbeats `heartbeat_s` apart; the
+decode instance reserves blocks as before, then sends the task to the prefill
+the router chose. Colocated, the router picks a mixed instance by its tokens
+in flight. Default policy: `fastdeploy` (random among the near-least loaded).
 
 Links: with `link_scope="per_prefill"` each prefill instance has its own
 egress link (its NVLink port or NIC), shared by its concurrent transfers;
@@ -29,8 +38,11 @@ from pdlab.policy.request import Request
 from pdlab.sim.cost import CostModel
 from pdlab.sim.instance import DecodeInstance, InstanceSpec, PrefillInstance, SimInstance
 from pdlab.sim.links import LINKS, Link, LinkSpec
+from pdlab.sim.router import SplitwiseRouter
 
 Mode = Literal["colocated", "disaggregated"]
+Routing = Literal["innode", "splitwise"]
+DEFAULT_DISPATCH: dict[str, str] = {"innode": "least_loaded", "splitwise": "fastdeploy"}
 
 
 @dataclass(frozen=True)
@@ -47,11 +59,19 @@ class Layout:
     link_scope: Literal["per_prefill", "shared"] = "per_prefill"
     kv_bytes_per_token: float = 0.0  # the prompt KV one transfer moves per token (the model's, across its TP ranks)
     num_layers: int = 1  # the transfer's layer-wise tail is one layer's share
-    dispatch: str = "least_loaded"  # a name in pdlab.policy.dispatch.POLICIES
+    routing: Routing = "innode"
+    dispatch: str | None = None  # a name in pdlab.policy.dispatch.POLICIES; None: the routing's default
+    heartbeat_s: float = 0.0  # splitwise: loads reach the router in heartbeats this far apart (0: at once)
 
     def __post_init__(self) -> None:
+        if self.routing not in DEFAULT_DISPATCH:
+            raise ValueError(f"unknown routing {self.routing!r}; choose from {', '.join(DEFAULT_DISPATCH)}")
+        if self.dispatch is None:
+            object.__setattr__(self, "dispatch", DEFAULT_DISPATCH[self.routing])
         if self.dispatch not in POLICIES:
             raise ValueError(f"unknown dispatch policy {self.dispatch!r}; choose from {sorted(POLICIES)}")
+        if self.heartbeat_s < 0 or (self.heartbeat_s > 0 and self.routing != "splitwise"):
+            raise ValueError(f"heartbeat_s must be >= 0, and > 0 only with routing='splitwise'; got {self.heartbeat_s}")
         counts = (self.num_instances,) if self.mode == "colocated" else (self.num_prefill, self.num_decode)
         if min(counts) < 1 or self.num_layers < 1 or self.kv_bytes_per_token < 0:
             raise ValueError(f"bad layout: {self}")
@@ -65,32 +85,40 @@ class SimCluster:
     def __init__(self, env: simpy.Environment, layout: Layout, cost: CostModel | None, seed: int = 0) -> None:
         self.env = env
         self.layout = layout
-        # Each policy draws from its own stream of the run's seed.
-        self.entry_policy = make_policy(layout.dispatch, seed)
-        self.prefill_policy = make_policy(layout.dispatch, seed + 1)
         self.links: list[Link] = []
         self.prefills: list[PrefillInstance] = []
+        self._prefill_of: dict[str, PrefillInstance] = {}  # splitwise: the router's choice, until dispatched
         if layout.mode == "colocated":
             self.entries: list[SimInstance] = [
                 SimInstance(env, f"mixed-{i}", layout.instance, cost) for i in range(layout.num_instances)]
-            return
-        shared = Link(env, layout.link, "link") if layout.link_scope == "shared" else None
-        for i in range(layout.num_prefill):
-            link = shared or Link(env, layout.link, f"link-{i}")
-            if link not in self.links:
-                self.links.append(link)
-            self.prefills.append(PrefillInstance(env, f"prefill-{i}", layout.instance, cost, link,
-                                                 layout.kv_bytes_per_token, layout.num_layers))
-        decode_spec = layout.decode_instance or layout.instance
-        self.entries = [DecodeInstance(env, f"decode-{i}", decode_spec, cost, self.dispatch_prefill)
-                        for i in range(layout.num_decode)]
+        else:
+            shared = Link(env, layout.link, "link") if layout.link_scope == "shared" else None
+            for i in range(layout.num_prefill):
+                link = shared or Link(env, layout.link, f"link-{i}")
+                if link not in self.links:
+                    self.links.append(link)
+                self.prefills.append(PrefillInstance(env, f"prefill-{i}", layout.instance, cost, link,
+                                                     layout.kv_bytes_per_token, layout.num_layers))
+            decode_spec = layout.decode_instance or layout.instance
+            self.entries = [DecodeInstance(env, f"decode-{i}", decode_spec, cost, self.dispatch_prefill)
+                            for i in range(layout.num_decode)]
+        # Each policy draws from its own stream of the run's seed.
+        self.router: SplitwiseRouter | None = None
+        if layout.routing == "splitwise":
+            self.router = SplitwiseRouter(env, self.instances, layout.dispatch, seed, layout.heartbeat_s)
+        else:
+            self.entry_policy = make_policy(layout.dispatch, seed)
+            self.prefill_policy = make_policy(layout.dispatch, seed + 1)
 
     @property
     def instances(self) -> list[SimInstance]:
         return [*self.prefills, *self.entries]
 
     def submit(self, request: Request) -> None:
-        """A request arrives now: hand it to the entry instance the policy picks."""
+        """A request arrives now: route it. Raises ValueError (and changes nothing) for a request no instance takes."""
+        if self.router is not None:
+            self._route_splitwise(request)
+            return
         entry = self.entries[self.entry_policy.pick([e.load for e in self.entries])] if len(self.entries) > 1 \
             else self.entries[0]
         if self.layout.mode == "colocated":
@@ -98,9 +126,36 @@ class SimCluster:
         else:
             entry.add_remote(request)
 
+    def _route_splitwise(self, request: Request) -> None:
+        router, num_tokens = self.router, request.num_tokens
+        if self.layout.mode == "colocated":
+            target = self.entries[router.select_mixed(self.entries, num_tokens)]
+            target.add(request)
+            router.sent(target, num_tokens)
+            return
+        p, d = router.select_pd(self.prefills, self.entries, num_tokens)
+        prefill, decode = self.prefills[p], self.entries[d]
+        self._prefill_of[request.request_id] = prefill
+        try:
+            decode.add_remote(request)  # may dispatch at once (blocks free), through dispatch_prefill
+        except ValueError:
+            self._prefill_of.pop(request.request_id, None)
+            raise
+        router.sent(prefill, num_tokens)
+        router.sent(decode, 1)
+
     def dispatch_prefill(self, request: Request, decode: DecodeInstance) -> None:
-        loads = [p.outstanding for p in self.prefills]
-        self.prefills[self.prefill_policy.pick(loads)].add_task(request, decode)
+        """`decode` has reserved blocks for `request`: send the prefill task (splitwise: where the router said)."""
+        if self.router is not None:
+            prefill = self._prefill_of.pop(request.request_id)
+        else:
+            prefill = self.prefills[self.prefill_policy.pick([p.outstanding for p in self.prefills])]
+        prefill.add_task(request, decode)
+
+    def close(self) -> None:
+        """No more requests will arrive (stops the splitwise heartbeats, which would otherwise tick forever)."""
+        if self.router is not None:
+            self.router.close()
 
     def finished(self) -> list[Request]:
         return [r for e in self.entries for r in e.finished]

@@ -107,8 +107,8 @@ class RooflineCost:
       reach 72% of copy bandwidth (DESIGN.md);
     - `step_overhead_s` 1 ms: scheduling, sampling and launches with CUDA graphs;
     - `allreduce_efficiency` 0.8 of the link bandwidth for the ring's transfers.
-    Fit them against measured step times of the target engine (a least-squares
-    fit is a follow-up), or time the real engine on the target GPU instead.
+    Fit them to step times measured on the target engine (`pdlab.sim.fit.fit_roofline`
+    over a `python -m pdlab.profile` table), or use that table itself (`ProfileCost`).
     """
 
     model: ModelConfig
@@ -153,6 +153,16 @@ class RooflineCost:
         return total
 
     @cached_property
+    def total_params(self) -> int:
+        """Every parameter of the model: all experts, the embedding table, the LM head unless tied."""
+        return round(self.model.num_params() + self._moe_params(None))
+
+    @cached_property
+    def active_params(self) -> int:
+        """The parameters one token uses: the total less the experts it is not routed to (MoE's "A47B")."""
+        return round(self.model.num_params() + self._moe_params(1))
+
+    @cached_property
     def weight_bytes_read(self) -> float:
         """Weight bytes a one-token step reads on one GPU: every parameter but the embedding gather."""
         return self.weight_bytes_for(1)
@@ -185,6 +195,13 @@ class RooflineCost:
     # --- the step ----------------------------------------------------------------------
 
     def step_time_s(self, batch: ScheduledBatch) -> float:
+        flops, bytes_, num_tokens = self.step_work(batch)
+        compute_s = flops / (self.gpu.peak_flops * self.compute_efficiency)
+        memory_s = bytes_ / (self.gpu.mem_bandwidth_bytes_per_s * self.bandwidth_efficiency)
+        return max(compute_s, memory_s) + self.step_overhead_s + self.allreduce_s(num_tokens)
+
+    def step_work(self, batch: ScheduledBatch) -> tuple[float, float, int]:
+        """(FLOPs, bytes moved, tokens) of the step on one GPU: what the efficiencies divide (`fit.py` fits them)."""
         m = self.model
         num_tokens = num_sampled = pairs = context = 0
         for item in batch.items:
@@ -196,10 +213,7 @@ class RooflineCost:
         flops = (2 * self.linear_params * num_tokens + 2 * m.vocab_size * m.hidden_size * num_sampled
                  + 4 * m.num_layers * m.q_size * pairs) / self.tp
         weights = self.weight_bytes_read if self.moe is None else self.weight_bytes_for(num_tokens)
-        bytes_ = weights + self.kv_bytes_per_token * (context + num_tokens)
-        compute_s = flops / (self.gpu.peak_flops * self.compute_efficiency)
-        memory_s = bytes_ / (self.gpu.mem_bandwidth_bytes_per_s * self.bandwidth_efficiency)
-        return max(compute_s, memory_s) + self.step_overhead_s + self.allreduce_s(num_tokens)
+        return flops, weights + self.kv_bytes_per_token * (context + num_tokens), num_tokens
 
     def allreduce_s(self, num_tokens: int) -> float:
         """Two ring all-reduces per layer of a [num_tokens, hidden] activation; 0 without TP."""

@@ -131,6 +131,8 @@ class PrefillInstance(SimInstance):
         self.kv_bytes_per_token = kv_bytes_per_token
         self.num_layers = num_layers
         self.tasks: dict[str, PrefillTask] = {}  # dispatched here, KV not yet delivered
+        self.num_tasks = 0  # tasks ever dispatched here
+        self.num_task_tokens = 0  # their known tokens (what FastDeploy's prefill load counts)
 
     @property
     def outstanding(self) -> int:
@@ -141,6 +143,8 @@ class PrefillInstance(SimInstance):
         local = Request(request.request_id, request.prompt_token_ids, replace(request.params, max_tokens=1),
                         arrival_time_s=request.arrival_time_s, keep_blocks_after_finish=True)
         self.tasks[request.request_id] = PrefillTask(request.request_id, decode)
+        self.num_tasks += 1
+        self.num_task_tokens += request.num_tokens
         self.add(local)
 
     def start_step(self, batch: ScheduledBatch) -> None:

@@ -12,20 +12,24 @@ are the best and the runner-up.
 
 Every rate replays the same requests with their arrival times scaled (common
 random numbers), so attainment falls smoothly with the rate and two layouts
-are compared on identical inputs. Pipeline parallelism, DistServe's
-inter-op degree, is not searched.
+are compared on identical inputs. A layout whose weights leave no room for
+one `max_model_len` request's KV on a GPU, or that misses the target even at
+`min_rate_rps`, has goodput 0. Pipeline parallelism, DistServe's inter-op
+degree, is not searched. `python -m pdlab.placement` runs the search from the
+command line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from pdlab.metrics.summary import meets_slo
 from pdlab.models.config import ModelConfig
 from pdlab.policy.scheduler import SchedulerConfig
 from pdlab.sim.cluster import Layout
-from pdlab.sim.cost import H100, GpuSpec, RooflineCost
+from pdlab.sim.cost import H100, GpuSpec, MoeSpec, RooflineCost
 from pdlab.sim.instance import InstanceSpec
 from pdlab.sim.links import LINKS, LinkSpec
 from pdlab.sim.run import simulate
@@ -59,7 +63,8 @@ class Candidate:
 class PlacementResult:
     candidate: Candidate
     goodput_rps: float  # the highest rate found that meets the attainment target (0 if none)
-    attainment: float  # at that rate
+    attainment: float  # at that rate (goodput 0: at the lowest rate tried)
+    infeasible: str | None = None  # why the layout cannot serve at all (then goodput 0, nothing simulated)
 
     @property
     def per_gpu_goodput_rps(self) -> float:
@@ -67,15 +72,22 @@ class PlacementResult:
 
 
 def candidates(num_gpus: int, tps: Sequence[int] = (1, 2, 4, 8), colocated: bool = True,
-               disaggregated: bool = True) -> list[Candidate]:
-    """Every layout within the budget (smaller ones too: per-GPU goodput is what ranks them)."""
-    tps = [t for t in tps if t <= num_gpus]
+               disaggregated: bool = True, prefill_tps: Sequence[int] | None = None,
+               decode_tps: Sequence[int] | None = None) -> list[Candidate]:
+    """Every layout within the budget (smaller ones too: per-GPU goodput is what ranks them).
+
+    `tps` are the colocated instances' TP degrees and, unless `prefill_tps` or
+    `decode_tps` say otherwise, those of each phase.
+    """
+    def fit(choices: Sequence[int] | None) -> list[int]:
+        return sorted({t for t in (tps if choices is None else choices) if t <= num_gpus})
+
     out = []
     if colocated:
-        out += [Candidate("colocated", num_instances=n, tp=t) for t in tps for n in range(1, num_gpus // t + 1)]
+        out += [Candidate("colocated", num_instances=n, tp=t) for t in fit(tps) for n in range(1, num_gpus // t + 1)]
     if disaggregated:
-        for tp_p in tps:
-            for tp_d in tps:
+        for tp_p in fit(prefill_tps):
+            for tp_d in fit(decode_tps):
                 for x in range(1, num_gpus // tp_p + 1):
                     for y in range(1, (num_gpus - x * tp_p) // tp_d + 1):
                         out.append(Candidate("disaggregated", num_prefill=x, prefill_tp=tp_p, num_decode=y,
@@ -96,17 +108,32 @@ class PlacementProblem:
     block_size: int = 16
     link: LinkSpec = LINKS["nvlink"]
     weight_bits: int = 16
+    moe: MoeSpec | None = None
+    routing: str = "innode"  # pdlab.sim.cluster.Layout.routing
+
+    def cost(self, tp: int) -> RooflineCost:
+        return RooflineCost(self.model, self.gpu, tp=tp, weight_bits=self.weight_bits, moe=self.moe)
 
     def layout(self, c: Candidate) -> Layout:
         def spec(tp: int) -> InstanceSpec:
-            cost = RooflineCost(self.model, self.gpu, tp=tp, weight_bits=self.weight_bits)
+            cost = self.cost(tp)
             return InstanceSpec(self.scheduler, cost.max_num_blocks(self.block_size), self.block_size, cost)
 
         if c.mode == "colocated":
-            return Layout(spec(c.tp), mode="colocated", num_instances=c.num_instances)
+            return Layout(spec(c.tp), mode="colocated", num_instances=c.num_instances, routing=self.routing)
         return Layout(spec(c.prefill_tp), mode="disaggregated", num_prefill=c.num_prefill, num_decode=c.num_decode,
-                      decode_instance=spec(c.decode_tp), link=self.link,
+                      decode_instance=spec(c.decode_tp), link=self.link, routing=self.routing,
                       kv_bytes_per_token=self.model.kv_bytes_per_token(2), num_layers=self.model.num_layers)
+
+    def infeasible(self, c: Candidate) -> str | None:
+        """Why `c` cannot serve a request of `max_model_len` tokens at all (None: it can)."""
+        tps = (c.tp,) if c.mode == "colocated" else (c.prefill_tp, c.decode_tp)
+        for tp in sorted(set(tps)):
+            room = self.cost(tp).max_num_blocks(self.block_size) * self.block_size
+            if room < self.scheduler.max_model_len:
+                return (f"at TP{tp} the weights leave room for {room} KV tokens per GPU, fewer than max_model_len "
+                        f"({self.scheduler.max_model_len})")
+        return None
 
     def attainment(self, c: Candidate, rate_rps: float, seed: int = 0) -> float:
         requests = [replace(r, arrival_s=r.arrival_s / rate_rps) for r in self.requests]
@@ -114,26 +141,106 @@ class PlacementProblem:
         return sum(meets_slo(r, self.slo_ttft_s, self.slo_tpot_s) for r in records) / len(records)
 
 
-def goodput(problem: PlacementProblem, c: Candidate, rel_tol: float = 0.02, max_rate_rps: float = 1e5) -> PlacementResult:
-    """Bisection on the rate for the highest one whose attainment reaches the target."""
-    low, low_attainment, high = 0.0, 0.0, 1.0
-    while high < max_rate_rps:  # grow until the target fails
-        a = problem.attainment(c, high)
-        if a < problem.attainment_target:
-            break
-        low, low_attainment, high = high, a, high * 2
+def goodput(problem: PlacementProblem, c: Candidate, rel_tol: float = 0.02, max_rate_rps: float = 1e5,
+            min_rate_rps: float = 1e-3, start_rps: float = 1.0) -> PlacementResult:
+    """The highest rate whose attainment reaches the target: doubling or halving from `start_rps`, then bisection.
+
+    A good `start_rps` (near the answer) saves the doubling trials; the answer
+    is the same to within `rel_tol` wherever attainment falls with the rate.
+    """
+    why = problem.infeasible(c)
+    if why is not None:
+        return PlacementResult(c, 0.0, 0.0, why)
+    target = problem.attainment_target
+    rate = min(max(start_rps, min_rate_rps), max_rate_rps)
+    a = problem.attainment(c, rate)
+    if a >= target:
+        low, low_attainment = rate, a
+        while True:  # grow until the target fails
+            rate *= 2
+            if rate > max_rate_rps:
+                return PlacementResult(c, low, low_attainment)
+            a = problem.attainment(c, rate)
+            if a < target:
+                high = rate
+                break
+            low, low_attainment = rate, a
+    else:
+        high = rate
+        while True:  # shrink until the target holds
+            rate /= 2
+            if rate < min_rate_rps:
+                return PlacementResult(c, 0.0, a)
+            a = problem.attainment(c, rate)
+            if a >= target:
+                low, low_attainment = rate, a
+                break
+            high = rate
     while high - low > rel_tol * high:
         mid = (low + high) / 2
         a = problem.attainment(c, mid)
-        if a >= problem.attainment_target:
+        if a >= target:
             low, low_attainment = mid, a
         else:
             high = mid
     return PlacementResult(c, low, low_attainment)
 
 
-def search_placement(problem: PlacementProblem, num_gpus: int, tps: Sequence[int] = (1, 2, 4, 8),
-                     colocated: bool = True, disaggregated: bool = True) -> list[PlacementResult]:
-    """All candidate layouts, best per-GPU goodput first (ties: fewer GPUs, then name)."""
-    results = [goodput(problem, c) for c in candidates(num_gpus, tps, colocated, disaggregated)]
+def rank(results: Sequence[PlacementResult]) -> list[PlacementResult]:
+    """Best per-GPU goodput first (ties: fewer GPUs, then name)."""
     return sorted(results, key=lambda r: (-r.per_gpu_goodput_rps, r.candidate.num_gpus, r.candidate.name))
+
+
+def evaluate(problem: PlacementProblem, found: Sequence[Candidate], jobs: int = 1,
+             on_result: Callable[[PlacementResult], None] | None = None) -> list[PlacementResult]:
+    """`goodput` of every candidate, in their order, on up to `jobs` processes.
+
+    The first feasible candidate is searched from 1 req/s; its goodput per GPU,
+    times each other candidate's GPU count, is where the others start (most
+    layouts of one model land within a factor of a few of each other, so this
+    saves most of the doubling trials). The starts do not depend on `jobs`, so
+    neither do the results.
+    """
+    results: list[PlacementResult | None] = [None] * len(found)
+    first = next((i for i, c in enumerate(found) if problem.infeasible(c) is None), None)
+    per_gpu = 0.0
+    if first is not None:
+        results[first] = goodput(problem, found[first])
+        per_gpu = results[first].per_gpu_goodput_rps
+        if on_result is not None:
+            on_result(results[first])
+    rest = [(i, c, per_gpu * c.num_gpus if per_gpu > 0 else 1.0) for i, c in enumerate(found) if i != first]
+    if jobs > 1 and len(rest) > 1:
+        with ProcessPoolExecutor(min(jobs, len(rest)), initializer=_init_worker, initargs=(problem,)) as pool:
+            done = pool.map(_worker_goodput, [(c, start) for _, c, start in rest])
+            for (i, _, _), result in zip(rest, done):
+                results[i] = result
+                if on_result is not None:
+                    on_result(result)
+    else:
+        for i, c, start in rest:
+            results[i] = goodput(problem, c, start_rps=start)
+            if on_result is not None:
+                on_result(results[i])
+    return results
+
+
+_WORKER_PROBLEM: PlacementProblem | None = None  # one per worker process, sent once
+
+
+def _init_worker(problem: PlacementProblem) -> None:
+    global _WORKER_PROBLEM
+    _WORKER_PROBLEM = problem
+
+
+def _worker_goodput(task: tuple[Candidate, float]) -> PlacementResult:
+    c, start = task
+    return goodput(_WORKER_PROBLEM, c, start_rps=start)
+
+
+def search_placement(problem: PlacementProblem, num_gpus: int, tps: Sequence[int] = (1, 2, 4, 8),
+                     colocated: bool = True, disaggregated: bool = True, prefill_tps: Sequence[int] | None = None,
+                     decode_tps: Sequence[int] | None = None, jobs: int = 1) -> list[PlacementResult]:
+    """All candidate layouts, best per-GPU goodput first (ties: fewer GPUs, then name)."""
+    found = candidates(num_gpus, tps, colocated, disaggregated, prefill_tps, decode_tps)
+    return rank(evaluate(problem, found, jobs))

@@ -8,7 +8,7 @@ one `RequestRecord` with `backend="sim"` whose times are simulated seconds
 from the start. A request the scheduler refuses (prompt plus output longer
 than `max_model_len`) gets a record with `error` set. A run is a pure function
 of its arguments: SimPy breaks event ties by insertion order and the only
-random choices (the `power_of_two` policy) draw from `seed`.
+random choices (the `power_of_two` and `fastdeploy` policies) draw from `seed`.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def _arrivals(env: simpy.Environment, cluster: SimCluster, requests: Sequence[Re
             errors[spec.request_id] = str(e)
             continue
         objects[spec.request_id] = request
+    cluster.close()
 
 
 def _record(spec: RequestSpec, request: Request | None, error: str | None, mode: str) -> RequestRecord:

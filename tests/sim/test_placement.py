@@ -36,3 +36,26 @@ def test_search_ranks_by_goodput_per_gpu(problem):
     assert per_gpu == sorted(per_gpu, reverse=True) and per_gpu[0] > 0
     best, runner_up = results[:2]
     assert best.candidate != runner_up.candidate
+
+
+def test_a_layout_that_cannot_meet_the_slo_gets_zero_quickly(problem):
+    from dataclasses import replace
+
+    # No rate meets a 1 ms TTFT (one 512-token prefill takes longer): halving stops at min_rate_rps.
+    impossible = replace(problem, slo_ttft_s=1e-3)
+    result = goodput(impossible, Candidate("colocated", num_instances=1, tp=1))
+    assert result.goodput_rps == 0 and result.attainment < 0.9 and result.infeasible is None
+
+
+def test_a_layout_whose_weights_fill_the_gpu_is_infeasible_without_simulating(problem):
+    from dataclasses import replace
+
+    big = replace(problem, model=PRESETS["llama3-70b"])  # 141 GB of bf16 weights: no KV room on one H100
+    result = goodput(big, Candidate("colocated", num_instances=1, tp=1))
+    assert result.goodput_rps == 0 and "KV tokens per GPU" in result.infeasible
+    assert big.infeasible(Candidate("colocated", num_instances=1, tp=4)) is None
+
+
+def test_candidates_per_phase_tp():
+    cs = candidates(4, tps=(1, 2), colocated=False, prefill_tps=(2,), decode_tps=(1,))
+    assert {c.name for c in cs} == {"1P(TP2)+1D(TP1)", "1P(TP2)+2D(TP1)"}
