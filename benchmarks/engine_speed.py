@@ -1,13 +1,20 @@
-"""Decode-step and prefill speed of the engine on one GPU, against the hardware measured in the same run.
+"""Decode-step and prefill speed of the engine on GPUs, against the hardware measured in the same run.
 
-    python benchmarks/engine_speed.py --model llama3-8b --out data/bench/engine_speed.json
+    python benchmarks/engine_speed.py --model llama3-8b --variants bf16,bf16-eager,wint8,wint4 --hf \
+        --out data/bench/engine_speed.json
 
 Baselines measured here, on the same card, in the same process:
 - HBM floor of a decode step: the bytes a step must read (weights without the
-  embedding table, plus the batch's KV) over the bandwidth of a large
-  device-to-device copy (read + write counted, as DESIGN.md does);
+  embedding table, at the variant's bits per weight, plus the batch's KV) over
+  the bandwidth of a large device-to-device copy (read + write counted, as
+  DESIGN.md does);
 - bf16 matmul peak (8192^3) for prefill MFU;
+- the first variant's decode steps (ratios of every other variant against it);
 - Hugging Face transformers `generate` on the same shape, batch 1 (`--hf`).
+
+A variant is `bf16`, `wint8` or `wint4`, optionally `-eager` (no CUDA graphs) or
+`-torch` (the PyTorch attention path instead of the Triton kernels); with
+`--tensor-parallel-size N` every variant runs on N GPUs.
 """
 
 from __future__ import annotations
@@ -115,12 +122,54 @@ def hf_generate_bs1(model: str, prompt_tokens: int, new_tokens: int) -> dict:
     return {"ttft_ms": ttft * 1e3, "ms_per_token": (total - ttft) / (new_tokens - 1) * 1e3}
 
 
+def weight_bits(variant: str) -> float:
+    """Bits read per linear weight (group scales included: 4 bytes per 128 weights)."""
+    return {"bf16": 16, "wint8": 8 + 32 / 128, "wint4": 4 + 32 / 128}[variant.split("-")[0]]
+
+
+def run_variant(args, variant: str, copy_Bps: float, peak_flops: float, batches: list[int]) -> dict:
+    quant = variant.split("-")[0]
+    engine = LLMEngine(EngineConfig(
+        model=args.model, dtype="bfloat16", device="cuda", max_num_seqs=max(batches), max_num_batched_tokens=8192,
+        max_model_len=8448, gpu_memory_utilization=0.7, quantization=None if quant == "bf16" else quant,
+        enforce_eager="eager" in variant, attention_backend="torch" if "torch" in variant else "auto",
+        tensor_parallel_size=args.tensor_parallel_size))
+    c, tp = engine.model_config, args.tensor_parallel_size
+    embed = c.vocab_size * c.hidden_size
+    linear_params = c.num_params() - embed * (1 if c.tie_word_embeddings else 2)  # the quantized part
+    head_bytes = 0 if c.tie_word_embeddings else embed * 2  # lm_head stays bf16 (the embedding is gathered)
+    weight_bytes = (linear_params * weight_bits(variant) / 8 + head_bytes) / tp  # per GPU
+    kv_bytes_per_token = c.kv_bytes_per_token(2) / tp
+    result = {"variant": variant, "kv_blocks": engine.block_manager.num_blocks,
+              "cuda_graphs": engine.runner.graphs is not None, "decode": [], "prefill": []}
+    for batch in batches:
+        step_s = decode_steps(engine, batch, args.context)
+        floor_s = (weight_bytes + batch * args.context * kv_bytes_per_token) / copy_Bps
+        row = {"batch": batch, "context": args.context, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
+               "x_floor": step_s / floor_s, "tokens_per_s": batch / step_s, "floor_tokens_per_s": batch / floor_s,
+               "share_of_floor_throughput": floor_s / step_s}
+        result["decode"].append(row)
+        print(variant, json.dumps(row), flush=True)
+    for tokens in [int(t) for t in args.prefill.split(",") if t]:
+        t = prefill_time(engine, tokens)
+        flops = 2 * (c.num_params() - embed) * tokens / tp  # matmul FLOPs per GPU, attention excluded
+        row = {"tokens": tokens, "prefill_ms": t * 1e3, "mfu": flops / t / peak_flops}
+        result["prefill"].append(row)
+        print(variant, json.dumps(row), flush=True)
+    engine.close()
+    del engine
+    torch.cuda.empty_cache()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama3-8b")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--batches", default="1,8,32,64,128")
     parser.add_argument("--prefill", default="512,2048,8192")
+    parser.add_argument("--variants", default="bf16", help="comma-separated; the first is the baseline")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--hf", action="store_true", help="also time transformers generate at batch 1")
     parser.add_argument("--out", type=Path, default=Path("data/bench/engine_speed.json"))
     args = parser.parse_args()
@@ -129,28 +178,14 @@ def main() -> None:
     copy_Bps, peak_flops = copy_bandwidth_Bps(), matmul_flops()
     torch.cuda.empty_cache()  # the engine sizes its KV cache from the memory free now
     batches = [int(b) for b in args.batches.split(",")]
-    engine = LLMEngine(EngineConfig(model=args.model, dtype="bfloat16", device="cuda", max_num_seqs=max(batches),
-                                    max_num_batched_tokens=8192, max_model_len=8448, gpu_memory_utilization=0.7))
-    c = engine.model_config
-    weight_bytes = (c.num_params() - c.vocab_size * c.hidden_size * (0 if c.tie_word_embeddings else 1)) * 2
-    kv_bytes_per_token = c.kv_bytes_per_token(2)
-    report = {"provenance": provenance(), "model": args.model, "copy_GBps": copy_Bps / 1e9,
-              "matmul_TFLOPs": peak_flops / 1e12, "kv_blocks": engine.block_manager.num_blocks, "decode": [], "prefill": []}
-    for batch in batches:
-        step_s = decode_steps(engine, batch, args.context)
-        floor_s = (weight_bytes + batch * args.context * kv_bytes_per_token) / copy_Bps
-        row = {"batch": batch, "context": args.context, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
-               "x_floor": step_s / floor_s, "tokens_per_s": batch / step_s, "floor_tokens_per_s": batch / floor_s}
-        report["decode"].append(row)
-        print(json.dumps(row), flush=True)
-    for tokens in [int(t) for t in args.prefill.split(",")]:
-        t = prefill_time(engine, tokens)
-        flops = 2 * c.num_params() * tokens  # matmul FLOPs, attention excluded
-        row = {"tokens": tokens, "prefill_ms": t * 1e3, "mfu": flops / t / peak_flops}
-        report["prefill"].append(row)
-        print(json.dumps(row), flush=True)
-    del engine
-    torch.cuda.empty_cache()
+    report = {"provenance": provenance(), "model": args.model, "tensor_parallel_size": args.tensor_parallel_size,
+              "copy_GBps": copy_Bps / 1e9, "matmul_TFLOPs": peak_flops / 1e12, "variants": []}
+    for variant in args.variants.split(","):
+        report["variants"].append(run_variant(args, variant, copy_Bps, peak_flops, batches))
+    base = {row["batch"]: row["step_ms"] for row in report["variants"][0]["decode"]}
+    for result in report["variants"][1:]:
+        for row in result["decode"]:
+            row["speedup_vs_" + report["variants"][0]["variant"]] = base[row["batch"]] / row["step_ms"]
     if args.hf:
         report["hf_generate_bs1"] = hf_generate_bs1(args.model, 512, 32)
         print(json.dumps(report["hf_generate_bs1"]), flush=True)

@@ -76,6 +76,7 @@ class EngineSection(_Section):
     max_model_len: PositiveInt | None = None
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     tensor_parallel_size: PositiveInt = 1
+    enforce_eager: bool = False  # no CUDA graphs
 
 
 # Arrival processes, tagged by `kind`.
@@ -327,7 +328,7 @@ class Experiment(_Section):
         flags = ["--dtype", self.model.dtype, "--device", self.model.device, "--seed", str(self.seed),
                  "--block-size", str(e.block_size), "--gpu-memory-utilization", str(e.gpu_memory_utilization),
                  "--max-num-seqs", str(e.max_num_seqs), "--attention-backend", e.attention_backend,
-                 "--tensor-parallel-size", str(e.tensor_parallel_size),
+                 "--tensor-parallel-size", str(e.tensor_parallel_size), *(["--enforce-eager"] if e.enforce_eager else []),
                  "--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill"]
         optional = {"--num-gpu-blocks": e.num_blocks, "--kv-cache-memory-bytes": e.kv_cache_memory_bytes,
                     "--max-num-batched-tokens": e.max_num_batched_tokens, "--max-model-len": e.max_model_len,

@@ -28,7 +28,8 @@ def _ints(text: str) -> list[int]:
 
 
 def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int], decode_batches: list[int],
-                   decode_contexts: list[int], repeats: int, block_size: int = 16, seed: int = 0) -> list[dict]:
+                   decode_contexts: list[int], repeats: int, block_size: int = 16, seed: int = 0,
+                   quantization: str | None = None, tensor_parallel_size: int = 1) -> list[dict]:
     import torch
 
     from pdlab.engine.config import EngineConfig
@@ -40,7 +41,7 @@ def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int
     engine = LLMEngine(EngineConfig(
         model=model, device=device, dtype=dtype, block_size=block_size, num_blocks=-(-need_tokens // block_size) + 8,
         max_num_seqs=max(decode_batches), max_num_batched_tokens=max(max(prefill_tokens), max(decode_batches)),
-        max_model_len=max_context + 1, seed=seed))
+        max_model_len=max_context + 1, seed=seed, quantization=quantization, tensor_parallel_size=tensor_parallel_size))
     vocab = engine.model_config.vocab_size
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
 
@@ -79,6 +80,7 @@ def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int
                          "step_ms": statistics.median(times[1:]) * 1e3})
             while engine.has_unfinished():
                 engine.step()
+    engine.close()
     return rows
 
 
@@ -101,10 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-batches", type=_ints, default=_ints("1,4,16,32,64"))
     parser.add_argument("--decode-contexts", type=_ints, default=_ints("128,512,1024"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quantization", choices=("wint8", "wint4"), default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("profile.csv"))
     args = parser.parse_args(argv)
     rows = profile_engine(args.model, args.device, args.dtype, args.prefill_tokens, args.decode_batches,
-                          args.decode_contexts, args.repeats)
+                          args.decode_contexts, args.repeats, quantization=args.quantization,
+                          tensor_parallel_size=args.tensor_parallel_size)
     print(f"wrote {len(rows)} rows to {write_profile(rows, args.out)}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pdlab.cluster.auth import TOKEN_ENV
 from pdlab.engine.config import QUANTIZATIONS, EngineConfig
 from pdlab.transfer import PROTOCOLS
 
@@ -67,7 +68,26 @@ def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--attention-backend", default=d.attention_backend, choices=("auto", "torch", "triton"),
                    help="auto: the Triton kernels on CUDA, PyTorch elsewhere")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly (on CUDA, decode steps otherwise replay CUDA graphs)")
+    p.add_argument("--max-waiting-requests", type=_positive_int, default=DEFAULT_MAX_WAITING_REQUESTS,
+                   help="mixed and decode: refuse a request with a 'queue full' error while this many are "
+                        "waiting to start (not yet running, or waiting for KV blocks)")
+    p.add_argument("--cluster-token", default=None,
+                   help=f"a shared secret every message to this instance's control-plane ports must carry "
+                        f"(default ${TOKEN_ENV}; none: not required). Prefer the environment variable: "
+                        f"a flag shows in the process list")
     return p
+
+
+DEFAULT_MAX_WAITING_REQUESTS = 4096
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -77,7 +97,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, max_model_len=args.max_model_len, seed=args.seed,
         quantization=args.quantization, attention_backend=args.attention_backend,
-        tensor_parallel_size=args.tensor_parallel_size,
+        tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
     )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import zmq
 
+from pdlab.cluster.auth import cluster_token, seal
 from pdlab.cluster.messages import (
     AbortRequest, GenerateRequest, MessageError, Ping, Pong, RequestUpdate, decode, encode, sampling_to_msg,
 )
@@ -22,18 +23,23 @@ from pdlab.sampling_params import SamplingParams
 
 
 class Client:
-    def __init__(self, endpoint: str, context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, token: bytes | None = None) -> None:
+        """`token`: the cluster token (default $PDLAB_CLUSTER_TOKEN, see `pdlab.cluster.auth`)."""
         self.endpoint = endpoint
+        self.token = token if token is not None else cluster_token()
         self._ctx = context or zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.sock.send(encode(GenerateRequest(request_id, list(prompt_token_ids), sampling_to_msg(params))))
+        self.send(GenerateRequest(request_id, list(prompt_token_ids), sampling_to_msg(params)))
 
     def abort(self, request_id: str) -> None:
-        self.sock.send(encode(AbortRequest(request_id)))
+        self.send(AbortRequest(request_id))
+
+    def send(self, message) -> None:
+        self.sock.send_multipart(seal(self.token, [encode(message)]))
 
     def recv(self, timeout_s: float = 0.0) -> list[RequestUpdate]:
         """Updates that arrived within `timeout_s` (all that are queued, once the first one is in)."""
@@ -56,14 +62,17 @@ class Client:
         self.sock.close(linger=0)
 
 
-def ping(endpoint: str, timeout_s: float = 1.0, context: zmq.Context | None = None) -> Pong | None:
-    """The instance's `Pong` (its load and free blocks), or None if it does not answer in time."""
+def ping(endpoint: str, timeout_s: float = 1.0, context: zmq.Context | None = None, token: bytes | None = None
+         ) -> Pong | None:
+    """The instance's `Pong` (its load and free blocks), or None if it does not answer in time.
+    `token`: the cluster token (default $PDLAB_CLUSTER_TOKEN)."""
     ctx = context or zmq.Context.instance()
+    token = token if token is not None else cluster_token()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
-        sock.send(encode(Ping()))
+        sock.send_multipart(seal(token, [encode(Ping())]))
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             if not sock.poll(int(left * 1000) + 1):
@@ -83,8 +92,8 @@ class RemoteEngine:
     """The engine interface of `backends.replay`, served by an instance process."""
 
     def __init__(self, endpoint: str, clock: Callable[[], float] = time.monotonic, poll_s: float = 0.002,
-                 liveness_s: float = 30.0) -> None:
-        self.client = Client(endpoint)
+                 liveness_s: float = 30.0, token: bytes | None = None) -> None:
+        self.client = Client(endpoint, token=token)
         self.endpoint = endpoint
         self.clock = clock
         self.poll_s = poll_s
@@ -117,7 +126,7 @@ class RemoteEngine:
             self._last_heard = time.monotonic()
         elif time.monotonic() - self._last_heard > self.liveness_s:
             self._last_heard = time.monotonic()
-            if ping(self.endpoint, timeout_s=self.liveness_s) is None:
+            if ping(self.endpoint, timeout_s=self.liveness_s, token=self.client.token) is None:
                 return self._fail_all(f"the instance at {self.endpoint} stopped answering")
         for update in updates:
             out = self.pending.get(update.request_id)

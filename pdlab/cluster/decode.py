@@ -14,6 +14,15 @@ the blocks of a request aborted mid-transfer are held until the prefill
 confirms it stopped (or a second timeout passes), so a late write never lands
 in a reused block. Over `tcp` late frames are simply dropped.
 
+Each dispatch is a transfer with an id of its own (`{request id}/{n}`), which
+the prefill's task, frames, `PrefillDone` and `PrefillFailed` carry: a late
+message of an aborted transfer is never taken for the transfer of a request
+that reuses the id. Over `tcp` a transfer counts as complete only if every
+layer of every block of the prompt arrived, in as many frames as the prefill
+sent (`PrefillDone.num_kv_frames`): frames lost on the way (a connection that
+dropped and came back) end the request with an error, never with tokens
+computed from partial KV.
+
 With the splitwise scheduler (`--scheduler-name splitwise`), tasks come from
 this instance's Redis inbox instead, each naming its prefill instance and the
 pair's protocol; prefill peers are connected as tasks name them, and a request
@@ -24,12 +33,14 @@ elsewhere.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from pdlab.cluster.args import parse_ports
+from pdlab.cluster.auth import seal
 from pdlab.cluster.frontend import Frontend
 from pdlab.cluster.splitwise.wire import Task
 from pdlab.cluster.messages import (
@@ -51,6 +62,9 @@ class Transfer:
     deadline_s: float
     dispatched_s: float = 0.0
     protocol: str = "tcp"
+    transfer_id: str = ""  # what the prefill's messages about it carry
+    num_frames: int = 0  # tcp: KV layer frames written
+    covered: dict[int, set[int]] = field(default_factory=dict)  # tcp: layer -> blocks written
 
 
 @dataclass
@@ -100,6 +114,8 @@ class Decode(Frontend):
         self.transfers: dict[str, Transfer] = {}  # requests whose KV is on its way
         self.quarantine: dict[str, Transfer] = {}  # aborted mid-transfer, blocks held until the prefill confirms
         self.undispatched: dict[str, float] = {}  # reserved, but no prefill took the task yet: request id -> give-up time
+        self.by_transfer: dict[str, str] = {}  # transfer id -> request id, while the prefill may still send about it
+        self._num_dispatched = 0
 
     def _receiver(self, protocol: str):
         kv_cache, instance = self.engine.kv_cache, self.instance
@@ -152,18 +168,29 @@ class Decode(Frontend):
         else:
             super().on_cache(identity, message, rest)
 
+    def _transfer_of(self, transfer_id: str) -> tuple[str, Transfer | None]:
+        """The request id and the live (or quarantined) transfer a prefill's message is about."""
+        request_id = self.by_transfer.get(transfer_id, "")
+        transfer = self.transfers.get(request_id) or self.quarantine.get(request_id)
+        return request_id, transfer if transfer is not None and transfer.transfer_id == transfer_id else None
+
     def on_kv_layer(self, header: KVLayer, rest) -> None:
-        request = self.scheduler.transferring.get(header.request_id)
-        # A late frame of an aborted or timed-out request must not touch blocks that may be reused.
-        if request is None or not set(header.dst_block_ids) <= set(request.block_ids) or len(rest) != 1:
+        request_id, transfer = self._transfer_of(header.request_id)
+        request = self.scheduler.transferring.get(request_id)
+        # A late frame of an aborted or timed-out transfer must not touch blocks that may be reused.
+        if (transfer is None or request is None or request_id in self.quarantine
+                or not set(header.dst_block_ids) <= set(request.block_ids) or len(rest) != 1):
             return
         try:
-            receiver = self.receivers.get(self.protocol_of(header.request_id))
+            receiver = self.receivers.get(transfer.protocol)
             if receiver is None:
                 raise TransferError("no receiver for its protocol")
-            receiver.write_layer(header, rest[0].buffer)
+            receiver.write_layer(msgspec.structs.replace(header, request_id=request_id), rest[0].buffer)
         except TransferError as e:
-            self.fail(header.request_id, f"KV transfer failed: {e}")
+            self.fail(request_id, f"KV transfer failed: {e}")
+            return
+        transfer.num_frames += 1
+        transfer.covered.setdefault(header.layer, set()).update(header.dst_block_ids)
 
     def on_peer(self, peer: PrefillPeer, message) -> None:
         if not isinstance(message, Pong):
@@ -176,17 +203,22 @@ class Decode(Frontend):
         peer.last_seen_s = self.engine.clock()
 
     def on_prefill_done(self, message: PrefillDone) -> None:
-        request_id = message.request_id
-        transfer = self.transfers.pop(request_id, None) or self.quarantine.pop(request_id, None)
+        request_id, transfer = self._transfer_of(message.request_id)
         if transfer is None:
             return
+        self.transfers.pop(request_id, None) or self.quarantine.pop(request_id, None)
         self._settle(transfer)
-        self._send(transfer.peer, KVAck(request_id))
+        self._send(transfer.peer, KVAck(transfer.transfer_id))
         request = self.scheduler.transferring.get(request_id)
         if request is None:  # aborted while the KV was on its way: nothing writes its blocks any more
             self.scheduler.release(request_id)
             return
         request.keep_blocks_after_finish = False
+        missing = self._missing_kv(transfer, request, message)
+        if missing:
+            self.metrics.on_transfer_failed("prefill_failed")
+            self._end(request_id, f"KV transfer incomplete: {missing}", retry=True)
+            return
         try:
             self.receivers[transfer.protocol].commit(request.block_ids)
         except TransferError as e:
@@ -199,18 +231,33 @@ class Decode(Frontend):
         self.engine.apply_stop_strings([request])
         self.publish(self.engine.output(request))
 
+    def _missing_kv(self, transfer: Transfer, request: Request, done: PrefillDone) -> str:
+        """What a tcp transfer lacks ("": nothing): a layer of a block of the known tokens, or frames."""
+        if transfer.protocol != "tcp":
+            return ""  # the prefill wrote the cache itself; it reports only once every write is done
+        bs = self.engine.block_manager.block_size
+        blocks = set(request.block_ids[: -(-request.num_tokens // bs)])
+        num_layers = self.engine.kv_cache.kv.shape[0]
+        short = [layer for layer in range(num_layers) if not blocks <= transfer.covered.get(layer, set())]
+        if short:
+            return f"layers {short} of the prompt's blocks never arrived"
+        if done.num_kv_frames >= 0 and transfer.num_frames != done.num_kv_frames:
+            return f"{transfer.num_frames} of the {done.num_kv_frames} KV frames the prefill sent arrived"
+        return ""
+
     def on_prefill_failed(self, message: PrefillFailed) -> None:
-        transfer = self.transfers.pop(message.request_id, None) or self.quarantine.pop(message.request_id, None)
+        request_id, transfer = self._transfer_of(message.request_id)
         if transfer is None:
             return
+        self.transfers.pop(request_id, None) or self.quarantine.pop(request_id, None)
         self._settle(transfer)
-        request = self.scheduler.transferring.get(message.request_id)
+        request = self.scheduler.transferring.get(request_id)
         if request is not None:
             # The prefill stopped writing before it said so: the blocks can go back at once.
             request.keep_blocks_after_finish = False
             self.metrics.on_transfer_failed("prefill_failed")
-            self._end(message.request_id, f"prefill failed: {message.error}")
-        self.scheduler.release(message.request_id)
+            self._end(request_id, f"prefill failed: {message.error}")
+        self.scheduler.release(request_id)
 
     def on_abort(self, request_id: str) -> None:
         if request_id in self.quarantine:  # already aborted; its blocks wait for the prefill
@@ -263,7 +310,9 @@ class Decode(Frontend):
         assigned = self.assigned.get(request_id)
         candidates = [self._peer(assigned.endpoint, assigned.prefill_id)] if assigned else self.innode
         protocol = self.protocol_of(request_id)
-        task = PrefillTask(request.request_id, request.prompt_token_ids, sampling_to_msg(request.params),
+        self._num_dispatched += 1
+        transfer_id = f"{request_id}/{self._num_dispatched}"
+        task = PrefillTask(transfer_id, request.prompt_token_ids, sampling_to_msg(request.params),
                            request.seed, list(request.block_ids), self.descriptors[protocol],
                            list(request.output_token_ids))
         loads = [peer.outstanding for peer in candidates]
@@ -275,20 +324,23 @@ class Decode(Frontend):
                 if peer.outstanding == 0:
                     peer.busy_since_s = now_s
                 peer.outstanding += 1
-                self.transfers[request_id] = Transfer(peer, now_s + self.timeout_s, now_s, protocol)
+                self.transfers[request_id] = Transfer(peer, now_s + self.timeout_s, now_s, protocol, transfer_id)
+                self.by_transfer[transfer_id] = request_id
                 return True
             loads[index] = float("inf")
         return False
 
     def _send(self, peer: PrefillPeer, message) -> bool:
         try:
-            peer.sock.send(encode(message), zmq.NOBLOCK)
+            peer.sock.send_multipart(seal(self.instance.token, [encode(message)]), zmq.NOBLOCK)
             return True
         except zmq.Again:  # not connected (not up yet, or gone)
             return False
 
     def _settle(self, transfer: Transfer) -> None:
+        """The transfer is over (or given up on): nothing the prefill sends about it counts any more."""
         transfer.peer.outstanding -= 1
+        self.by_transfer.pop(transfer.transfer_id, None)
 
     def _disconnected(self, peer: PrefillPeer) -> bool:
         """Whether the connection to `peer` dropped since the last look (the process died or restarted)."""
@@ -353,7 +405,7 @@ class Decode(Frontend):
         transfer = self.transfers.pop(request_id, None)
         if transfer is None:
             return
-        self._send(transfer.peer, AbortPrefill(request_id))
+        self._send(transfer.peer, AbortPrefill(transfer.transfer_id))
         if transfer.protocol != "tcp":
             transfer.deadline_s = self.engine.clock() + self.timeout_s
             self.quarantine[request_id] = transfer

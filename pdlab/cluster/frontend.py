@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pdlab.cluster.messages import AbortRequest, GenerateRequest, RequestUpdate, encode, sampling_from_msg
+from pdlab.cluster.messages import QUEUE_FULL, AbortRequest, GenerateRequest, RequestUpdate, encode, sampling_from_msg
 from pdlab.cluster.splitwise.wire import Task
 from pdlab.cluster.splitwise.wire import encode as encode_json
 from pdlab.engine.outputs import RequestOutput
@@ -42,6 +42,9 @@ class Role:
 
     def tick(self, now_s: float) -> None:
         pass
+
+    def on_scheduler_restarted(self) -> None:
+        """The splitwise scheduler's Redis came back empty: tasks and updates in its lists are lost."""
 
     def sockets(self) -> dict:
         """Extra sockets the instance loop should poll: {socket: handler(identity, message, rest)}."""
@@ -95,6 +98,13 @@ class Frontend(Role):
         except PdlabError as e:
             reply(RequestUpdate(request_id, [], True, "error", str(e), len(prompt_token_ids)))
             return False
+        max_waiting = self.instance.args.max_waiting_requests
+        if self.num_queued() >= max_waiting:
+            self.metrics.on_refused("queue_full")
+            reply(RequestUpdate(request_id, [], True, "error",
+                                f"{QUEUE_FULL}: {max_waiting} requests are waiting on {self.instance.instance_id} "
+                                f"(--max-waiting-requests); try again later", len(prompt_token_ids)))
+            return False
         self.replies[request_id] = reply
         self.num_sent[request_id] = request.num_output_tokens
         self.admit(request, task)
@@ -103,6 +113,10 @@ class Frontend(Role):
     def admit(self, request: Request, task: Task | None) -> None:
         """Queue a validated request (colocated: here; decode: after a remote prefill)."""
         raise NotImplementedError
+
+    def num_queued(self) -> int:
+        """Requests admitted but not started: waiting for the batch, or (decode) for KV blocks."""
+        return self.scheduler.num_waiting + len(self.scheduler.reserving)
 
     def on_abort(self, request_id: str) -> None:
         out = self.engine.abort(request_id)
@@ -116,6 +130,11 @@ class Frontend(Role):
             out = self.engine.output(request)
             out.error = error
             self.publish(out, error, retry)
+
+    def on_scheduler_restarted(self) -> None:
+        # The routers of these requests send them again (their updates may be lost): stop serving these attempts.
+        for request_id in list(self.deadlines):
+            self.fail(request_id, "the splitwise scheduler's Redis restarted", retry=True)
 
     def tick(self, now_s: float) -> None:
         if not self.deadlines:

@@ -27,6 +27,7 @@ import time
 import zmq
 
 from pdlab.cluster.args import add_instance_args, engine_config, parse_ports, parse_protocols
+from pdlab.cluster.auth import RefusalLog, cluster_token, unseal
 from pdlab.cluster.messages import (
     AbortRequest, GenerateRequest, KVLayer, MessageError, Ping, PrefillDone, PrefillFailed, Pong, decode, encode,
 )
@@ -37,6 +38,11 @@ from pdlab.policy.dispatch import instance_load
 from pdlab.transfer.base import TransferError
 
 log = logging.getLogger("pdlab.instance")
+
+# The largest control-message body an instance reads (a prompt of millions of token ids fits); larger
+# bodies are dropped and logged. zmq itself refuses frames past `_max_frame_bytes` (a KV layer of the
+# longest request included) by dropping the connection that sent one, before it is held in memory.
+MAX_MESSAGE_BYTES = 64 << 20
 
 
 class Instance:
@@ -69,6 +75,9 @@ class Instance:
         self.metrics.watch(self.engine.scheduler, self.engine.kv_cache.num_bytes // self.engine.kv_cache.num_blocks)
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         self.zmq = zmq.Context()
+        self.token = cluster_token(args.cluster_token)  # required on the control-plane ports when set
+        self.refusals = RefusalLog(self.instance_id)
+        self._port_names: dict[zmq.Socket, str] = {}
         self._handlers: dict[zmq.Socket, object] = {}
         self._poller = zmq.Poller()
         self.ewq = self._bind(args.engine_worker_queue_port, "engine-worker-queue")
@@ -132,11 +141,27 @@ class Instance:
         sock = self.zmq.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # A ROUTER silently drops what it cannot queue for a peer: with the default high-water mark a
+        # client that stops reading for a moment (1,000 updates) loses the last update of some requests,
+        # which then never finish. Unbounded: replies wait in memory until the client reads them (a
+        # client that goes away takes its queue with it).
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes())
         try:
             sock.bind(f"tcp://{self.host}:{port}")
         except zmq.ZMQError as e:
             raise ConfigError(f"cannot bind the {name} port {self.host}:{port}: {e.strerror}") from None
+        self._port_names[sock] = name
         return sock
+
+    def _max_frame_bytes(self) -> int:
+        """The largest frame a peer may send: a control message, or one layer of KV (tcp) for the
+        longest request this cache holds, whichever is larger."""
+        kv = self.engine.kv_cache.kv  # [L, 2, N, bs, H, D]
+        block_size = kv.shape[3]
+        max_blocks = -(-self.engine.scheduler.config.max_model_len // block_size) + 1
+        layer_bytes = 2 * max_blocks * block_size * kv.shape[4] * kv.shape[5] * kv.element_size()
+        return max(MAX_MESSAGE_BYTES, layer_bytes) + (1 << 20)
 
     def endpoint(self, port: int) -> str:
         return f"tcp://{self.advertise_host}:{port}"
@@ -203,7 +228,7 @@ class Instance:
 
     def _drain_agent(self) -> None:
         """Entries the agent popped from this node's Redis lists: tasks for the role, results for the router."""
-        from pdlab.cluster.splitwise.agent import INBOX
+        from pdlab.cluster.splitwise.agent import INBOX, RESTARTED
         from pdlab.cluster.splitwise.wire import TaskAbort, decode_inbox, decode_update
 
         while True:
@@ -212,7 +237,10 @@ class Instance:
             except zmq.Again:
                 return
             try:
-                if kind == INBOX:
+                if kind == RESTARTED:  # what was in this node's lists is lost
+                    self.handler.on_scheduler_restarted()
+                    self.router.on_scheduler_restarted()
+                elif kind == INBOX:
                     entry = decode_inbox(payload)
                     if isinstance(entry, TaskAbort):
                         if self.role != "prefill":
@@ -235,17 +263,27 @@ class Instance:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            port = self._port_names.get(sock, "peer")
             if routed:
                 if len(frames) < 2:
                     continue
                 identity, frames = frames[0].bytes, frames[1:]
+                frames = unseal(self.token, frames)
+                if frames is None:
+                    self.refusals.refused(port, "no cluster token, or a wrong one")
+                    continue
+                if not frames:
+                    continue
             else:
                 identity = b""
             body, rest = frames[0].buffer, frames[1:]
+            if len(body) > MAX_MESSAGE_BYTES:
+                self.refusals.refused(port, f"a message of {len(body)} bytes (at most {MAX_MESSAGE_BYTES})")
+                continue
             try:
                 message = decode(body)
             except MessageError as e:
-                log.warning("%s: dropped a message: %s", self.instance_id, e)
+                self.refusals.refused(port, str(e))
                 continue
             try:
                 handle(identity, message, rest)

@@ -36,8 +36,24 @@ def _sampling_struct() -> type[msgspec.Struct]:
 SamplingMsg = _sampling_struct()
 
 
+class KVRank(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where one tensor-parallel rank's cache is (the per-rank fields of `KVDescriptor`)."""
+
+    ipc_handle: bytes = b""
+    ipc_offset: int = 0
+    ipc_pid: int = 0
+    ipc_ptr: int = 0
+    ipc_device: int = 0
+    shm_name: str = ""
+    rdma_endpoint: str = ""
+
+
 class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Where and how a decode instance receives KV: enough for a prefill instance to push to it."""
+    """Where and how a decode instance receives KV: enough for a prefill instance to push to it.
+
+    The cache fields describe rank 0's cache (of a tensor-parallel instance: its KV heads);
+    `ranks` holds every rank's own, and prefill rank r writes into decode rank r (`for_rank`).
+    """
 
     instance_id: str
     protocol: str  # "tcp", "ipc", "rdma"
@@ -63,6 +79,15 @@ class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # rdma: "host:port" of the decode instance's rdma comm port (one per GPU), where a prefill
     # sets up its queue pair and learns the cache's memory region (pdlab/transfer/rdma.py).
     rdma_endpoint: str = ""
+    # Tensor parallelism: the decode instance's size, and each rank's cache (empty: one rank).
+    tensor_parallel_size: int = 1
+    ranks: list[KVRank] = []
+
+    def for_rank(self, rank: int) -> KVDescriptor:
+        """The descriptor of rank `rank`'s cache."""
+        if not self.ranks:
+            return self
+        return msgspec.structs.replace(self, **msgspec.structs.asdict(self.ranks[rank]), ranks=[])
 
 
 # --- engine-worker-queue port --------------------------------------------------------
@@ -126,6 +151,9 @@ class PrefillDone(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=T
     first_token_id: int
     logprobs: dict[int, float] | None = None
     prefill_instance_id: str = ""
+    # tcp: how many KVLayer frames the prefill sent for it (-1: not counted); the decode instance
+    # checks it received as many, so that KV lost on the way never produces a token.
+    num_kv_frames: int = -1
 
 
 class PrefillFailed(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -134,6 +162,11 @@ class PrefillFailed(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields
 
 
 # --- client ------------------------------------------------------------------------------
+
+
+# The start of the error of a request refused because too many wait already (--max-waiting-requests);
+# the API server answers it with 503 and Retry-After.
+QUEUE_FULL = "queue full"
 
 
 class RequestUpdate(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):

@@ -42,7 +42,9 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 # timeout: no prefill instance took the task in time; prefill_lost: it closed its connection, restarted or
 # stopped answering; prefill_failed: it could not compute or send the KV (or its KV could not be written);
 # aborted: the request was aborted while its KV was on its way.
-TRANSFER_FAILURES = ("timeout", "prefill_lost", "prefill_failed", "aborted")
+# decode_lost (prefill): the connection to the decode instance dropped, or it stopped answering heartbeats.
+TRANSFER_FAILURES = ("timeout", "prefill_lost", "prefill_failed", "aborted", "decode_lost")
+REFUSALS = ("queue_full",)  # --max-waiting-requests requests were waiting already
 
 # From milliseconds (a small model on a GPU) to minutes (a long queue).
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -77,6 +79,9 @@ class InstanceMetrics:
         self.generation_tokens = counter("pdlab:generation_tokens", "Output tokens streamed to clients.").labels(*ids)
         finished = counter("pdlab:requests_finished", "Finished requests by finish reason.", ("finish_reason",))
         self.finished = {reason: finished.labels(*ids, reason) for reason in FINISH_REASONS}
+        refused = counter("pdlab:requests_refused", "Requests refused before they were queued, by reason.",
+                          ("reason",))
+        self.refused = {reason: refused.labels(*ids, reason) for reason in REFUSALS}
         self.preemptions = counter("pdlab:num_preemptions",
                                    "Preemptions (recomputations), counted when their request finishes.").labels(*ids)
         self.kv_sent_bytes = counter("pdlab:kv_transfer_sent_bytes", "KV bytes pushed to decode instances.").labels(*ids)
@@ -159,6 +164,9 @@ class InstanceMetrics:
 
     def on_transfer_failed(self, reason: str) -> None:
         self.transfers_failed[reason].inc()
+
+    def on_refused(self, reason: str) -> None:
+        self.refused[reason].inc()
 
 
 def _reason(finish_reason: str | None) -> str:

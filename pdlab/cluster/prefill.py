@@ -6,6 +6,11 @@ sample. As each layer's KV is written during the forward pass it is pushed
 into the decode instance's reserved blocks (the transfer overlaps the rest of
 the pass). After the last chunk: flush, then `PrefillDone` with the first
 token. The blocks stay held until the decode instance's `KVAck` (or a timeout).
+
+A decode instance that dies or is cut off must not stop this one: sends never
+block (queues are unbounded), zmq heartbeats find a silent peer within
+`--transfer-timeout-s`, and once the connection to a decode instance drops
+every request for it is dropped here and its blocks freed.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ import logging
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from pdlab.cluster.auth import SealedSocket, seal
 from pdlab.cluster.frontend import Role
 from pdlab.cluster.messages import (
     AbortPrefill, KVAck, KVDescriptor, PrefillDone, PrefillFailed, PrefillTask, encode, sampling_from_msg,
 )
+from pdlab.engine.kv_io import Push
 from pdlab.errors import PdlabError
 from pdlab.policy.scheduler import ScheduledBatch
 from pdlab.transfer import make_sender
@@ -26,12 +34,15 @@ from pdlab.transfer.base import KVSender, TransferError
 
 log = logging.getLogger("pdlab.instance")
 
+HEARTBEAT_IVL_MS = 1000  # zmq heartbeats to each decode instance; silence past --transfer-timeout-s drops it
+
 
 @dataclass
 class Target:
     sender: KVSender
     dst_block_ids: list[int]
     ack_deadline_s: float | None = None  # set once PrefillDone is sent
+    num_frames: int = 0  # KV layer frames pushed (one per layer per chunk), reported in PrefillDone
     error: str | None = None
 
 
@@ -39,6 +50,7 @@ class Prefill(Role):
     def __init__(self, instance) -> None:
         super().__init__(instance)
         self.senders: dict[tuple[str, str], KVSender] = {}
+        self.monitors: dict[tuple[str, str], zmq.Socket] = {}  # disconnect events of each sender's socket
         self.targets: dict[str, Target] = {}
         self.timeout_s = instance.args.transfer_timeout_s
 
@@ -89,13 +101,14 @@ class Prefill(Role):
     # --- the loop --------------------------------------------------------------------
 
     def step(self) -> None:
-        outputs = self.engine.step(on_kv_written=self._push_layer)
+        outputs = self.engine.step(push_plan=self._plan)
         for out in outputs:
             target = self.targets.get(out.request_id)
             if target is None or not out.finished:
                 continue
-            if target.error is not None:
-                self._fail(out.request_id, target.error)
+            error = self.engine.runner.transfers.errors.pop(out.request_id, None) or target.error
+            if error is not None:
+                self._fail(out.request_id, error)
                 continue
             try:
                 target.sender.flush()
@@ -103,25 +116,34 @@ class Prefill(Role):
                 self._fail(out.request_id, str(e))
                 continue
             logprobs = out.logprobs[-1] if out.logprobs else None
-            self._send(target.sender, PrefillDone(out.request_id, out.token_ids[-1], logprobs, self.instance.instance_id))
+            self._send(target.sender, PrefillDone(out.request_id, out.token_ids[-1], logprobs,
+                                                  self.instance.instance_id, target.num_frames))
             now_s = self.engine.clock()
             target.ack_deadline_s = now_s + self.timeout_s
             self.metrics.on_prefill_done(out, now_s)
 
-    def _push_layer(self, layer: int, batch: ScheduledBatch) -> None:
+    def _plan(self, batch: ScheduledBatch) -> list[Push]:
+        """The step's KV copies: each chunk's blocks to the same positions' blocks on the decode side.
+        The runner makes them layer by layer inside the forward pass; a failed one fails the request
+        after the step (no token from partial KV)."""
         bs = self.engine.block_manager.block_size
+        transfers = self.engine.runner.transfers
+        pushes = []
         for item in batch.items:
             target = self.targets.get(item.request.request_id)
             if target is None or target.error is not None:
                 continue
+            transfers.senders[id(target.sender)] = target.sender
+            target.num_frames += self.engine.model_config.num_layers
             first, last = item.start // bs, (item.start + item.num_tokens - 1) // bs
-            try:
-                target.sender.send_layer(item.request.request_id, layer, item.request.block_ids[first: last + 1],
-                                         target.dst_block_ids[first: last + 1])
-            except TransferError as e:
-                target.error = str(e)  # the request fails after this step; no token from partial KV
+            pushes.append(Push(item.request.request_id, id(target.sender), item.request.block_ids[first: last + 1],
+                               target.dst_block_ids[first: last + 1]))
+        return pushes
 
     def tick(self, now_s: float) -> None:
+        for key, monitor in list(self.monitors.items()):
+            if _disconnected(monitor):
+                self._lose_destination(key)
         for request_id, target in list(self.targets.items()):
             if target.ack_deadline_s is not None and now_s > target.ack_deadline_s:
                 log.warning("%s: no KVAck for %s within %.1f s; freeing its blocks",
@@ -129,9 +151,8 @@ class Prefill(Role):
                 self._release(request_id)
 
     def close(self) -> None:
-        for sender in self.senders.values():
-            sender.close()
-            sender.socket.close(linger=0)
+        for key in list(self.senders):
+            self._close_sender(key)
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -140,13 +161,48 @@ class Prefill(Role):
         if key not in self.senders:
             sock = self.instance.zmq.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            # With the default high-water mark a send blocks once 1,000 frames wait for a decode instance
+            # that died or is cut off, and this whole instance with it. Unbounded instead; a peer that
+            # stops answering zmq's heartbeats counts as disconnected, and its queue is dropped.
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(HEARTBEAT_IVL_MS, int(self.timeout_s * 1000)))
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             try:
                 sock.connect(kv.cache_endpoint)
-                self.senders[key] = make_sender(kv.protocol, self.engine.kv_cache, kv, sock)
+                self.senders[key] = make_sender(kv.protocol, self.engine.kv_cache, kv,
+                                                SealedSocket(sock, self.instance.token))
             except (TransferError, ValueError, zmq.ZMQError) as e:
+                sock.disable_monitor()
+                monitor.close(linger=0)
                 sock.close(linger=0)
                 raise TransferError(f"cannot send KV to {kv.instance_id} at {kv.cache_endpoint!r}: {e}") from None
+            self.monitors[key] = monitor
         return self.senders[key]
+
+    def _lose_destination(self, key: tuple[str, str]) -> None:
+        """The connection to a decode instance dropped: nothing sent to it since is known to arrive, and
+        no KVAck will come. Drop its requests, free their blocks, and forget what is queued for it."""
+        sender = self.senders.get(key)
+        lost = [request_id for request_id, target in self.targets.items() if target.sender is sender]
+        if lost:
+            log.warning("%s: lost the connection to %s (%s); dropping its %d request(s) and freeing their blocks",
+                        self.instance.instance_id, key[0], key[1], len(lost))
+        for request_id in lost:
+            self.engine.abort(request_id)
+            self._release(request_id)
+            self.metrics.on_transfer_failed("decode_lost")
+        self._close_sender(key)
+
+    def _close_sender(self, key: tuple[str, str]) -> None:
+        sender = self.senders.pop(key)
+        self.engine.runner.transfers.senders.pop(id(sender), None)
+        monitor = self.monitors.pop(key, None)
+        sender.close()
+        if monitor is not None:
+            sender.socket.disable_monitor()
+            monitor.close(linger=0)
+        sender.socket.close(linger=0)
 
     def _fail(self, request_id: str, error: str) -> None:
         self.metrics.on_transfer_failed("prefill_failed")
@@ -164,13 +220,25 @@ class Prefill(Role):
         sender.socket.send(encode(message))
 
     def _send_failed(self, kv: KVDescriptor, request_id: str, error: str) -> None:
+        """Tell a decode instance that its task cannot be served (on a socket of its own: there may be no sender)."""
         sock = self.instance.zmq.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
         try:
             sock.connect(kv.cache_endpoint)
-            sock.send(encode(PrefillFailed(request_id, error)), zmq.NOBLOCK)
+            sock.send_multipart(seal(self.instance.token, [encode(PrefillFailed(request_id, error))]), zmq.NOBLOCK)
         except zmq.ZMQError as e:
             log.warning("%s: cannot tell %s that %s failed (%s): %s", self.instance.instance_id, kv.cache_endpoint,
                         request_id, e, error)
         finally:
             sock.close()
+
+
+def _disconnected(monitor: zmq.Socket) -> bool:
+    """Whether the monitored socket's connection dropped since the last look."""
+    dropped = False
+    while True:
+        try:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            return dropped
+        dropped |= event["event"] == zmq.EVENT_DISCONNECTED

@@ -33,3 +33,6 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere; or "torch", "triton"
     # GPUs (processes) one instance shards its weights and KV heads over; rank r uses cuda:r.
     tensor_parallel_size: int = 1
+    # Run every step eagerly. Otherwise, on CUDA, decode steps replay CUDA graphs captured at
+    # start-up for a set of batch sizes (pdlab/engine/cuda_graphs.py).
+    enforce_eager: bool = False

@@ -11,7 +11,7 @@ import torch
 from pdlab.engine.attention import resolve_attention_backend
 from pdlab.engine.config import EngineConfig
 from pdlab.engine.kv_cache import KVCache
-from pdlab.engine.model_runner import KVWrittenHook, ModelRunner
+from pdlab.engine.model_runner import ModelRunner, PushPlan
 from pdlab.engine.outputs import RequestOutput
 from pdlab.errors import ConfigError, InvalidRequestError
 from pdlab.models.config import ModelConfig
@@ -47,8 +47,13 @@ def build_executor(config: EngineConfig, source, device: torch.device, dtype: to
             f"the KV cache ({num_blocks} blocks of {config.block_size} tokens) cannot hold one sequence of "
             f"max_model_len={max_model_len} tokens: give it more memory or lower max_model_len"
         )
-    kv_cache = KVCache(model.local_config, num_blocks, config.block_size, dtype, device, kv_cache_shm_path)
-    return model, kv_cache, ModelRunner(model, kv_cache, config.attention_backend, tp), max_model_len
+    graphs = device.type == "cuda" and not config.enforce_eager
+    kv_cache = KVCache(model.local_config, num_blocks, config.block_size, dtype, device, kv_cache_shm_path,
+                       scratch_block=graphs)
+    runner = ModelRunner(model, kv_cache, config.attention_backend, tp)
+    if graphs:
+        runner.capture_graphs(config.max_num_seqs, max_model_len)
+    return model, kv_cache, runner, max_model_len
 
 
 def kv_cache_blocks(config: EngineConfig, local_config: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
@@ -106,7 +111,7 @@ class LLMEngine:
             from pdlab.engine import parallel
 
             Shard(self.model_config, 0, config.tensor_parallel_size)  # a size the model cannot take fails now
-            self.tp = parallel.start(config, self.device)
+            self.tp = parallel.start(config, self.device, kv_cache_shm_path)
             self.device = self.tp.device
         try:
             self.model, self.kv_cache, self.runner, max_model_len = build_executor(
@@ -210,17 +215,17 @@ class LLMEngine:
 
     # --- the loop ------------------------------------------------------------------
 
-    def step(self, on_kv_written: KVWrittenHook | None = None) -> list[RequestOutput]:
+    def step(self, push_plan: PushPlan | None = None) -> list[RequestOutput]:
         """One iteration: schedule, execute, update. Returns outputs of requests that advanced.
 
-        `on_kv_written(layer, batch)`, when given, runs inside the forward pass
-        right after each layer's new KV is in the cache (a prefill instance
-        starts that layer's transfer there).
+        `push_plan(batch)`, when given, lists KV copies to make inside the forward
+        pass, each layer right after its new KV is in the cache (a prefill instance
+        starts that layer's transfer there; pdlab/engine/kv_io.py).
         """
         batch = self.scheduler.schedule()
         if not batch.items:
             return []
-        out = self.runner.execute(batch, on_kv_written)
+        out = self.runner.execute(batch, push_plan)
         for request_id, entry in out.logprobs.items():
             self._logprobs.setdefault(request_id, []).append(entry)
         touched = self.scheduler.update(batch, out.tokens, self.clock())

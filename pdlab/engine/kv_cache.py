@@ -24,13 +24,17 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         shm_path: str | None = None,
+        scratch_block: bool = False,
     ) -> None:
         """`shm_path` (CPU only): back the cache by that shared-memory file, so that another
-        process can map it (the `ipc` transport on a machine without GPUs)."""
-        self.num_blocks = num_blocks
+        process can map it (the `ipc` transport on a machine without GPUs).
+        `scratch_block`: one block more than `num_blocks`, that no request ever owns; writes
+        that must land somewhere harmless go there (the padding rows of a CUDA graph)."""
+        self.num_blocks = num_blocks  # the blocks requests may own (what the block manager hands out)
         self.block_size = block_size
         self.shm_path = shm_path
-        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.scratch_slot = num_blocks * block_size if scratch_block else None
+        shape = (config.num_layers, 2, num_blocks + scratch_block, block_size, config.num_kv_heads, config.head_dim)
         if shm_path is None:
             self.kv = torch.zeros(shape, dtype=dtype, device=device)  # [L, 2, num_blocks, block_size, H_kv, D]
         else:

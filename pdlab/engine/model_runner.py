@@ -6,6 +6,7 @@ already hold the blocks their new tokens go to.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -13,7 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdlab.engine.attention import AttentionContext, SeqSlice, copy_to_device, resolve_attention_backend
+from pdlab.engine.cuda_graphs import DecodeGraphs
 from pdlab.engine.kv_cache import KVCache
+from pdlab.engine.kv_io import KVTransfers, Push
+from pdlab.engine.parallel import STEP
 from pdlab.engine.sampler import sample
 from pdlab.models.transformer import Transformer
 from pdlab.policy.scheduler import ScheduledBatch
@@ -21,8 +25,10 @@ from pdlab.policy.scheduler import ScheduledBatch
 if TYPE_CHECKING:
     from pdlab.engine.parallel import TensorParallel
 
-# Called as hook(layer_idx, batch) once the layer's new K and V are in the cache.
-KVWrittenHook = Callable[[int, ScheduledBatch], None]
+log = logging.getLogger("pdlab.engine")
+
+# The KV copies a step makes as each layer is written (a prefill instance's; see pdlab/engine/kv_io.py).
+PushPlan = Callable[[ScheduledBatch], list[Push]]
 
 
 @dataclass
@@ -31,7 +37,8 @@ class StepInputs:
 
     Rank 0 plans it from the scheduled batch and broadcasts it as a flat list of
     ints (`encode`/`decode`): the token ids, positions and cache slots of the flat
-    batch, each sequence's slice and blocks, and the rows whose logits are needed.
+    batch, each sequence's slice and blocks, the rows whose logits are needed, and
+    the KV copies to make as each layer is written.
     """
 
     input_ids: list[int]
@@ -39,19 +46,23 @@ class StepInputs:
     slots: list[int]
     seqs: list[SeqSlice]
     sample_rows: list[int]
+    pushes: list[Push] = field(default_factory=list)
 
     def encode(self) -> list[int]:
-        out = [len(self.input_ids), len(self.seqs), len(self.sample_rows),
+        out = [len(self.input_ids), len(self.seqs), len(self.sample_rows), len(self.pushes),
                *self.input_ids, *self.positions, *self.slots, *self.sample_rows]
         for s in self.seqs:
             out += [s.q_start, s.q_len, s.seq_len, len(s.block_ids), *s.block_ids]
+        for p in self.pushes:
+            rid = p.request_id.encode()
+            out += [p.sender, len(rid), *rid, len(p.src_block_ids), *p.src_block_ids, *p.dst_block_ids]
         return out
 
     @classmethod
     def decode(cls, data: list[int]) -> StepInputs:
-        T, num_seqs, num_rows = data[:3]
-        ids, pos, slots = data[3: 3 + T], data[3 + T: 3 + 2 * T], data[3 + 2 * T: 3 + 3 * T]
-        i = 3 + 3 * T
+        T, num_seqs, num_rows, num_pushes = data[:4]
+        ids, pos, slots = data[4: 4 + T], data[4 + T: 4 + 2 * T], data[4 + 2 * T: 4 + 3 * T]
+        i = 4 + 3 * T
         rows = data[i: i + num_rows]
         i += num_rows
         seqs = []
@@ -59,7 +70,15 @@ class StepInputs:
             q_start, q_len, seq_len, n = data[i: i + 4]
             seqs.append(SeqSlice(q_start, q_len, seq_len, data[i + 4: i + 4 + n]))
             i += 4 + n
-        return cls(ids, pos, slots, seqs, rows)
+        pushes = []
+        for _ in range(num_pushes):
+            sender, n = data[i: i + 2]
+            rid = bytes(data[i + 2: i + 2 + n]).decode()
+            i += 2 + n
+            n = data[i]
+            pushes.append(Push(rid, sender, data[i + 1: i + 1 + n], data[i + 1 + n: i + 1 + 2 * n]))
+            i += 1 + 2 * n
+        return cls(ids, pos, slots, seqs, rows, pushes)
 
 
 class ModelRunner:
@@ -73,6 +92,23 @@ class ModelRunner:
         self.device = model.device
         self.attention_backend = resolve_attention_backend(attention_backend, self.device)
         self.tp = tp
+        self.transfers = KVTransfers(kv_cache, tp)
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture the decode CUDA graphs (every rank at once); on failure anywhere, run eagerly."""
+        graphs = DecodeGraphs(self, max_num_seqs, max_model_len)
+        try:
+            graphs.capture()
+            ok = 1
+        except Exception as e:  # noqa: BLE001 - whatever breaks capture, eager still serves
+            log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly", type(e).__name__, e)
+            ok = 0
+        if self.tp is not None:
+            ok = self.tp.agree_min(ok)
+        self.graphs = graphs if ok else None
+        if ok:
+            log.info("captured decode CUDA graphs for batch sizes %s", graphs.sizes)
 
     def plan(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch on the host: token ids, positions, cache slots, sequences, rows to sample."""
@@ -110,26 +146,35 @@ class ModelRunner:
         inputs = self.plan(batch)
         return (*self.load(inputs), inputs.sample_rows)
 
-    def forward(self, inputs: StepInputs, on_kv_written: Callable[[int], None] | None = None) -> torch.Tensor | None:
-        """Run the model on one step (every rank); the logits of `inputs.sample_rows` [N, vocab], if any."""
-        ids, pos, ctx = self.load(inputs)
-        ctx.on_kv_written = on_kv_written
-        hidden = self.model(ids, pos, ctx)  # [T, hidden]
+    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Run the model on one step (every rank), making the step's KV pushes as each layer is
+        written; the logits of `inputs.sample_rows` [N, vocab], if any."""
+        if self.graphs is not None and self.graphs.can_run(inputs):
+            hidden = self.graphs.run(inputs)  # [T, hidden]
+        else:
+            ids, pos, ctx = self.load(inputs)
+            if inputs.pushes:
+                ctx.on_kv_written = lambda layer: self.transfers.push_layer(layer, inputs.pushes)
+            hidden = self.model(ids, pos, ctx)  # [T, hidden]
         if not inputs.sample_rows:
             return None
         return self.model.compute_logits(hidden[inputs.sample_rows])  # [N, vocab]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, on_kv_written: KVWrittenHook | None = None) -> StepOutput:
-        """Run one step; return the new token of every item with `sample=True`, by request id."""
+    def execute(self, batch: ScheduledBatch, push_plan: PushPlan | None = None) -> StepOutput:
+        """Run one step; return the new token of every item with `sample=True`, by request id.
+
+        `push_plan(batch)`, when given, lists the KV copies to make inside the forward pass,
+        each layer right after its K and V are written (a prefill instance's transfer)."""
         out = StepOutput()
         if not batch.items:
             return out
         inputs = self.plan(batch)
+        if push_plan is not None:
+            inputs.pushes = push_plan(batch)
         if self.tp is not None:
-            self.tp.broadcast_ints(inputs.encode())
-        hook = None if on_kv_written is None else (lambda layer: on_kv_written(layer, batch))
-        logits = self.forward(inputs, hook)
+            self.tp.broadcast_ints([STEP, *inputs.encode()])
+        logits = self.forward(inputs)
         if logits is None:
             return out
         to_sample = [item for item in batch.items if item.sample]
@@ -149,9 +194,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def serve_worker(self) -> None:
-        """A tensor-parallel rank > 0: compute every step rank 0 broadcasts, until an empty one."""
-        while data := self.tp.broadcast_ints(None):
-            self.forward(StepInputs.decode(data))
+        """A tensor-parallel rank > 0: compute every step rank 0 broadcasts and run its KV transfer
+        calls, until it says stop."""
+        self.tp.serve(lambda data: self.forward(StepInputs.decode(data)), self.transfers.handlers)
+        self.transfers.close()
 
 
 @dataclass

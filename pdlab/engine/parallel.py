@@ -31,6 +31,9 @@ import torch.distributed as dist
 from pdlab.errors import ConfigError
 
 STEP_TIMEOUT = timedelta(hours=2)  # a worker waits this long for rank 0's next step
+STEP, CALL = 1, 2
+# What rank 0 may ask every rank to do besides a step (ModelRunner's handlers).
+CALLS = ("open_sender", "flush", "close_sender", "open_receiver", "commit")
 
 
 @dataclass
@@ -72,6 +75,35 @@ class TensorParallel:
             dist.broadcast(data, src=0, group=self.cpu_group)
         return data.tolist()
 
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's `data`, in rank order, on every rank (lengths first, then padded bytes)."""
+        n = torch.tensor([len(data)], dtype=torch.int64)
+        lengths = [torch.empty_like(n) for _ in range(self.size)]
+        dist.all_gather(lengths, n, group=self.cpu_group)
+        width = max(1, max(int(x) for x in lengths))
+        mine = torch.zeros(width, dtype=torch.uint8)
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+        parts = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(parts, mine, group=self.cpu_group)
+        return [bytes(part[: int(length)].tolist()) for part, length in zip(parts, lengths)]
+
+    # --- rank 0 -> the other ranks ---------------------------------------------------------------
+    # Every message is a broadcast list of ints: [STEP, *step] (compute it), [CALL, name, *bytes]
+    # (run the named handler on every rank, rank 0 included, and all-gather what each returns:
+    # pdlab/engine/kv_io.py), or [] (stop). Rank 0 sends; the others run `serve`.
+
+    def step(self, ints: list[int]) -> None:
+        self.broadcast_ints([STEP, *ints])
+
+    def serve(self, on_step, handlers: dict) -> None:
+        """A rank > 0: follow rank 0's messages until it says stop."""
+        while message := self.broadcast_ints(None):
+            if message[0] == STEP:
+                on_step(message[1:])
+            else:
+                name = CALLS[message[1]]
+                self.all_gather_bytes(handlers[name](bytes(message[2:])))
+
     # --- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -111,8 +143,10 @@ def _init(rank: int, size: int, init_method: str, device: torch.device) -> Tenso
     return TensorParallel(rank, size, device, cpu_group)
 
 
-def start(config, device: torch.device) -> TensorParallel:
-    """Rank 0: start ranks 1..size-1 as `python -m pdlab.engine.tp_worker` processes and join them."""
+def start(config, device: torch.device, kv_cache_shm_path: str | None = None) -> TensorParallel:
+    """Rank 0: start ranks 1..size-1 as `python -m pdlab.engine.tp_worker` processes and join them.
+
+    `kv_cache_shm_path`: rank 0's shared-memory KV cache file; rank r's is `{path}-rank{r}`."""
     from pdlab.cluster.launch import free_port
 
     size = config.tensor_parallel_size
@@ -126,6 +160,8 @@ def start(config, device: torch.device) -> TensorParallel:
     for rank in range(1, size):
         argv = [sys.executable, "-m", "pdlab.engine.tp_worker", "--rank", str(rank), "--size", str(size),
                 "--init-method", init_method, "--device", device.type]
+        if kv_cache_shm_path is not None:
+            argv += ["--kv-cache-shm-path", rank_shm_path(kv_cache_shm_path, rank)]
         workers.append(subprocess.Popen(argv, stdin=subprocess.PIPE, env=env, start_new_session=True,
                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
     for proc in workers:
@@ -139,6 +175,10 @@ def start(config, device: torch.device) -> TensorParallel:
         raise ConfigError(f"tensor parallelism: the {size} ranks could not form a group: {e}") from None
     tp.workers = workers
     return tp
+
+
+def rank_shm_path(path: str, rank: int) -> str:
+    return path if rank == 0 else f"{path}-rank{rank}"
 
 
 def join(rank: int, size: int, init_method: str, device: torch.device) -> TensorParallel:

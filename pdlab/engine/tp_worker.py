@@ -31,18 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, required=True)
     parser.add_argument("--init-method", required=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
+    parser.add_argument("--kv-cache-shm-path", default=None, help="this rank's shared-memory KV cache (CPU ipc)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{args.rank}: %(message)s")
     config = EngineConfig(**json.loads(sys.stdin.read()))
     try:
         tp = parallel.join(args.rank, args.size, args.init_method, torch.device(args.device))
         source = resolve_model(config.model)
-        _, _, runner, _ = build_executor(config, source, tp.device, resolve_dtype(config.dtype, tp.device), tp)
+        _, kv_cache, runner, _ = build_executor(config, source, tp.device, resolve_dtype(config.dtype, tp.device), tp,
+                                                args.kv_cache_shm_path)
     except PdlabError as e:
         print(f"error: tensor-parallel rank {args.rank}: {e}", file=sys.stderr)
         return 2
-    runner.serve_worker()
-    tp.close()
+    try:
+        runner.serve_worker()
+    finally:
+        kv_cache.close()
+        tp.close()
     return 0
 
 

@@ -17,6 +17,7 @@ from pdlab.cluster.messages import (
     KVAck,
     KVDescriptor,
     KVLayer,
+    KVRank,
     MessageError,
     Ping,
     Pong,
@@ -43,7 +44,8 @@ KV = KVDescriptor(
     instance_id="decode-1", protocol="ipc", cache_endpoint="tcp://10.0.0.2:5601", num_layers=30, num_blocks=4096,
     block_size=16, num_kv_heads=3, head_dim=64, dtype="bfloat16", ipc_handle=bytes(range(64)), ipc_offset=4096,
     ipc_pid=31337, ipc_ptr=0x7F00_0000_1000, ipc_device=1, shm_name="/pdlab-kv-decode-1", host="10.0.0.2",
-    rdma_endpoint="10.0.0.2:7671",
+    rdma_endpoint="10.0.0.2:7671", tensor_parallel_size=2,
+    ranks=[KVRank(ipc_handle=bytes(64), shm_name="/dev/shm/pdlab-kv-1"), KVRank(ipc_pid=7, rdma_endpoint="10.0.0.2:7672")],
 )
 EXAMPLES = [
     GenerateRequest("req-1", [1, 2, 3, 50_000], SAMPLING),
@@ -52,7 +54,8 @@ EXAMPLES = [
     PrefillTask("req-3", [5, 6, 7], SAMPLING, seed=2**63 - 1, dst_block_ids=[4, 5, 6], kv=KV, output_token_ids=[9, 8]),
     AbortPrefill("req-4"),
     KVLayer("req-5", layer=29, dst_block_ids=[7, 8], dtype="float16", shape=(2, 2, 16, 3, 64)),
-    PrefillDone("req-6", first_token_id=42, logprobs={42: -0.25, 7: -1.5}, prefill_instance_id="prefill-0"),
+    PrefillDone("req-6", first_token_id=42, logprobs={42: -0.25, 7: -1.5}, prefill_instance_id="prefill-0",
+                num_kv_frames=12),
     PrefillFailed("req-7", error="CUDA error: out of memory"),
     KVAck("req-8"),
     RequestUpdate("req-9", new_token_ids=[3, 4], finished=True, finish_reason="stop", error="detokenizer: bad byte",

@@ -61,7 +61,7 @@ def assert_one_clear_error(server, *fragments: str) -> None:
 def test_the_instance_gets_every_flag_but_the_http_port():
     argv = ["--model", "tiny", "--port", "8184", "--metrics-port", "8185", "--engine-worker-queue-port", "8186",
             "--cache-queue-port", "8187", "--innode-prefill-ports", "8182", "--splitwise-role", "decode",
-            "--no-enable-chunked-prefill", "--max-model-len", "300", "--quantization", "wint4",
+            "--no-enable-chunked-prefill", "--max-model-len", "300", "--quantization", "wint4", "--enforce-eager",
             "--prefill-wait-timeout-s", "5"]
     args = build_parser().parse_args(argv)
     passed = add_instance_args(argparse.ArgumentParser()).parse_args(instance_argv(args))

@@ -13,7 +13,11 @@ and heartbeats go on during a long step:
 
 When Redis cannot be reached, both threads retry with a short backoff and
 `down_for_s` tells the loop for how long it has been gone; pushes wait in
-memory (bounded) until it is back. Nothing is pickled: values are JSON.
+memory (bounded) until it is back. When it comes back as a new server (its
+`run_id` changed: restarted, and without persistence empty), the reader
+forwards `[RESTARTED, run_id]` before anything it pops from the new one:
+whatever the lists held is lost, and the loop must act on it (routers send
+their requests again). Nothing is pickled: values are JSON.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ log = logging.getLogger("pdlab.splitwise")
 
 MIN_REDIS_VERSION = (6, 2)  # RPOP with a count
 MAX_QUEUED_PUSHES = 100_000
-INBOX, RESULTS = b"inbox", b"results"
+INBOX, RESULTS, RESTARTED = b"inbox", b"results", b"restarted"
 
 # Remove a node's entry only if it is still the stale heartbeat we saw (it may have come back since).
 _REAP = """
@@ -74,12 +78,20 @@ class SplitwiseConfig:
                               f"heartbeat period ({self.heartbeat_s} s); got ttl {self.ttl_s}, expire {self.expire_s}")
 
 
-def connect(config: SplitwiseConfig, socket_timeout_s: float = 5.0) -> redis.Redis:
-    """A checked connection: Redis answers and is new enough; else `ConfigError` naming the address."""
+def connect(config: SplitwiseConfig, socket_timeout_s: float = 5.0, on_connect=None) -> redis.Redis:
+    """A checked connection: Redis answers and is new enough; else `ConfigError` naming the address.
+    `on_connect()` runs after each (re)connection the client makes."""
+
+    def connected(connection) -> None:
+        connection.on_connect()
+        if on_connect is not None:
+            on_connect()
+
     # No retries inside redis-py (its default retries 10 times with backoff): the agent's loops
     # retry themselves and must notice at once that Redis is gone.
     client = redis.Redis(host=config.host, port=config.port, password=config.password,
-                         socket_connect_timeout=2.0, socket_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0))
+                         socket_connect_timeout=2.0, socket_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0),
+                         redis_connect_func=connected)
     where = f"the splitwise scheduler's Redis at {config.address} (--scheduler-host, --scheduler-port)"
     try:
         version = client.info("server")["redis_version"]
@@ -104,8 +116,11 @@ class RedisAgent:
         self.node_id = info.node_id
         self.info = info  # replaced by the loop (`set_info`); the writer stamps and writes it
         self.view: dict[str, NodeInfo] = {}  # live nodes, by id, as of the last heartbeat
+        self.last_seen_ts: dict[str, float] = {}  # node id -> the newest heartbeat seen of it (wall clock)
         self._writer_redis = connect(config)
-        self._reader_redis = connect(config, socket_timeout_s=5.0 + 1.0)  # outlives the 1 s BRPOP
+        self._reader_connects = 0  # connections the reader's client has made (redis-py reconnects by itself)
+        self._reader_redis = connect(config, socket_timeout_s=5.0 + 1.0,  # outlives the 1 s BRPOP
+                                     on_connect=self._on_reader_connect)
         self._reap = self._writer_redis.register_script(_REAP)
         self._pushes: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._down_since: float | None = None
@@ -117,6 +132,8 @@ class RedisAgent:
         self._forward = context.socket(zmq.PAIR)  # the reader's end
         self._forward.connect(address)
         r = self._writer_redis
+        self._run_id = _run_id(self._reader_redis)  # the server the lists are on; checked on every reconnect
+        self._checked_connects = self._reader_connects
         r.delete(self.keys.inbox(self.node_id), self.keys.results(self.node_id))
         self._heartbeat()
         self._threads = [threading.Thread(target=self._write_loop, name="splitwise-writer", daemon=True),
@@ -155,6 +172,14 @@ class RedisAgent:
         While Redis is down this is the last view, not an empty one: check `down_for_s` first.
         """
         return self.view
+
+    def silent_for_s(self, node_id: str) -> float:
+        """How long ago the newest heartbeat of `node_id` that this node has seen was written (inf: never seen).
+
+        A node missing from the view is not gone for that alone: a Redis that restarted empty
+        lists no node until each has heartbeated again.
+        """
+        return time.time() - self.last_seen_ts.get(node_id, float("-inf"))
 
     def close(self) -> None:
         self._stopping.set()
@@ -243,6 +268,7 @@ class RedisAgent:
                                 self.node_id, node_id, now - info.ts)
                 continue
             view[node_id] = info
+            self.last_seen_ts[node_id] = max(info.ts, self.last_seen_ts.get(node_id, 0.0))
         self.view = view
 
     def _read_loop(self) -> None:
@@ -252,13 +278,36 @@ class RedisAgent:
         while not self._stopping.is_set():
             try:
                 item = r.brpop([inbox, results], timeout=1)
+                self._check_server(r)
                 if item is None:
                     continue
                 self._forward.send_multipart([kinds[item[0]], item[1]])
                 for key in (inbox, results):  # the rest of what is queued, in batches
                     while batch := r.rpop(key, 256):
+                        self._check_server(r)
                         for value in batch:
                             self._forward.send_multipart([kinds[key.encode()], value])
             except redis.RedisError as e:
                 self._went_down(e)
                 self._stopping.wait(0.2)
+
+    def _on_reader_connect(self) -> None:
+        self._reader_connects += 1
+
+    def _check_server(self, r: redis.Redis) -> None:
+        """After the reader's connection was made again (an error, or redis-py reconnecting by itself),
+        and before anything read over it is forwarded: is it still the server whose lists we read?"""
+        if self._reader_connects == self._checked_connects:
+            return
+        run_id = _run_id(r)
+        self._checked_connects = self._reader_connects
+        if run_id != self._run_id:
+            log.warning("%s: the splitwise scheduler's Redis at %s restarted (run_id %s -> %s): its lists are lost",
+                        self.node_id, self.config.address, self._run_id, run_id)
+            self._run_id = run_id
+            self._forward.send_multipart([RESTARTED, run_id.encode()])
+
+
+def _run_id(client: redis.Redis) -> str:
+    """The Redis server's run id: a new one each time it starts."""
+    return str(client.info("server")["run_id"])

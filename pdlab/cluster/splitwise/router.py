@@ -130,6 +130,21 @@ class Router:
         else:
             self._reply(route.identity, out)
 
+    def on_scheduler_restarted(self) -> None:
+        """Redis came back empty: tasks still in an inbox and updates still in this node's results list
+        are gone. Send every dispatched request again, with the tokens its client has, once the instances
+        are back in the view (a serving instance that still has the old attempt drops it)."""
+        routes = [route for route in self.by_client.values() if route.node_id]
+        if routes:
+            log.warning("%s: re-dispatching %d request(s): the splitwise scheduler's Redis restarted",
+                        self.agent.node_id, len(routes))
+        for route in routes:
+            self._abort_attempt(route)
+            self.routes.pop(route.wire_id, None)  # updates of this attempt may be lost: ignore the rest
+            route.node_id = route.prefill_id = ""
+            route.unrouted_since_s = time.monotonic()  # `tick` sends it when Redis and the instances are back
+            self.num_redispatched += 1
+
     # --- the loop --------------------------------------------------------------------------------
 
     def tick(self, now_s: float) -> None:
@@ -149,15 +164,21 @@ class Router:
                 self._abort_attempt(route)
                 self._fail(route, f"the request expired: not finished within --scheduler-ttl "
                                   f"{self.config.ttl_s:g} s")
-            elif live is not None and route.node_id and route.node_id not in live:
+            elif live is not None and route.node_id and self._gone(route.node_id, live):
                 route.avoid.add(route.node_id)
                 self._redispatch(route, f"{route.node_id} stopped heartbeating")
-            elif live is not None and route.prefill_id not in ("", *live) and not route.output_token_ids:
+            elif (live is not None and route.prefill_id and not route.output_token_ids
+                  and self._gone(route.prefill_id, live)):
                 route.avoid.add(route.prefill_id)
                 self._abort_attempt(route)
                 self._redispatch(route, f"its prefill instance {route.prefill_id} stopped heartbeating")
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _gone(self, node_id: str, live: dict[str, NodeInfo]) -> bool:
+        """Not in the view, and no heartbeat of it for `expire_s` (a Redis that restarted empty lists
+        nobody until each node heartbeats again: absence alone proves nothing)."""
+        return node_id not in live and self.agent.silent_for_s(node_id) > self.config.expire_s
 
     def _redispatch(self, route: Route, why: str) -> None:
         if route.attempt >= MAX_ATTEMPTS:

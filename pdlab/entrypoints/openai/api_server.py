@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from pdlab.cluster.args import add_instance_args, parse_ports
+from pdlab.cluster.auth import TOKEN_ENV, cluster_token
 from pdlab.cluster.client import ping
 from pdlab.cluster.launch import InstanceProcess
 from pdlab.cluster.messages import Pong
@@ -36,7 +37,8 @@ from pdlab.errors import PdlabError
 log = logging.getLogger("pdlab.api_server")
 
 DEFAULT_PORT = 8000  # FastDeploy's
-NOT_FOR_THE_INSTANCE = {"help", "port", "instance_start_timeout_s", "prefill_wait_timeout_s"}
+# The cluster token goes to the instance in its environment, never on its command line (which others can read).
+NOT_FOR_THE_INSTANCE = {"help", "port", "instance_start_timeout_s", "prefill_wait_timeout_s", "cluster_token"}
 
 
 class StartupError(PdlabError):
@@ -72,6 +74,8 @@ def instance_argv(args: argparse.Namespace) -> list[str]:
         flag = action.option_strings[0]
         if isinstance(action, argparse.BooleanOptionalAction):
             argv.append(flag if value else f"--no-{flag.removeprefix('--')}")
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
         else:
             argv += [flag, str(value)]
     return argv
@@ -104,8 +108,10 @@ def start_instance(args: argparse.Namespace, directory: Path) -> InstanceProcess
     with open(log_path, "w") as out:
         # preexec_fn is safe here: no thread has been started yet (zmq, uvicorn and tokenizers come later).
         die_with_parent = _die_with_parent if sys.platform.startswith("linux") else None
+        token = cluster_token(args.cluster_token)
+        env = {**os.environ, **({TOKEN_ENV: token.decode()} if token else {})}
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=die_with_parent)  # noqa: PLW1509
+                                preexec_fn=die_with_parent, env=env)  # noqa: PLW1509
     return InstanceProcess(args.splitwise_role, args.engine_worker_queue_port, args.cache_queue_port, proc,
                            log_path, args.host, argv)
 
@@ -117,14 +123,14 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def wait_ready(instance: InstanceProcess, timeout_s: float) -> Pong:
+def wait_ready(instance: InstanceProcess, timeout_s: float, token: bytes | None = None) -> Pong:
     """The instance's first Pong; `StartupError` with its log's tail if it exits or stays silent."""
     deadline = time.monotonic() + timeout_s
     while True:
         if instance.proc.poll() is not None:
             raise StartupError(f"the {instance.role} engine instance exited with code {instance.proc.returncode} "
                                f"while starting; the end of {instance.log_path}:\n{_indent(instance.log_tail())}")
-        pong = ping(instance.endpoint, timeout_s=0.5)
+        pong = ping(instance.endpoint, timeout_s=0.5, token=token)
         if pong is not None:
             return pong
         if time.monotonic() > deadline:
@@ -138,7 +144,8 @@ def wait_prefills(args: argparse.Namespace, instance: InstanceProcess) -> list[P
     pongs = []
     for port in parse_ports(args.innode_prefill_ports):
         deadline = time.monotonic() + args.prefill_wait_timeout_s
-        while (pong := ping(f"tcp://{args.host}:{port}", timeout_s=0.5)) is None:
+        token = cluster_token(args.cluster_token)
+        while (pong := ping(f"tcp://{args.host}:{port}", timeout_s=0.5, token=token)) is None:
             if instance.proc.poll() is not None:
                 raise StartupError(f"the decode engine instance exited with code {instance.proc.returncode}; "
                                    f"the end of {instance.log_path}:\n{_indent(instance.log_tail())}")
@@ -184,7 +191,8 @@ def serve(args: argparse.Namespace, sock: socket.socket, instance: InstanceProce
         server.should_exit = True
 
     info = EngineInfo(args.model, pong.role, pong.max_model_len, pong.vocab_size, routed=pong.scheduler == "splitwise")
-    app = build_app(ServerConfig(info, tokenizer, instance.endpoint, engine_gone, on_engine_gone))
+    app = build_app(ServerConfig(info, tokenizer, instance.endpoint, engine_gone, on_engine_gone,
+                                 token=cluster_token(args.cluster_token)))
     config = uvicorn.Config(app, host=args.host, port=sock.getsockname()[1], log_level="info",
                             timeout_graceful_shutdown=5, lifespan="on")
     server = uvicorn.Server(config)
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         source = resolve_model(args.model)
         instance = start_instance(args, log_dir())
         tokenizer = source.load_tokenizer()  # while the instance loads the weights
-        pong = wait_ready(instance, args.instance_start_timeout_s)
+        pong = wait_ready(instance, args.instance_start_timeout_s, cluster_token(args.cluster_token))
         if pong.role == "decode":
             wait_prefills(args, instance)
         print(banner(args, pong, instance, port), flush=True)

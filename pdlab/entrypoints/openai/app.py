@@ -30,12 +30,13 @@ class ServerConfig:
     # Why the instance process is gone (its exit code), or None while it runs; polled.
     engine_gone: Callable[[], str | None] | None = None
     on_engine_gone: Callable[[str], None] | None = None  # e.g. stop the HTTP server
+    token: bytes | None = None  # the cluster token (None: $PDLAB_CLUSTER_TOKEN, if set)
 
 
 def build_app(config: ServerConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = EngineClient(config.endpoint)
+        client = EngineClient(config.endpoint, config.token)
         client.start()
         app.state.client = client
         app.state.completion = ServingCompletion(config.info, config.tokenizer, client)

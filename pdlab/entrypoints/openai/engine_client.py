@@ -15,6 +15,7 @@ import logging
 import zmq
 import zmq.asyncio
 
+from pdlab.cluster.auth import cluster_token, seal
 from pdlab.cluster.messages import (
     AbortRequest,
     GenerateRequest,
@@ -68,8 +69,10 @@ class RequestStream:
 
 
 class EngineClient:
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, token: bytes | None = None) -> None:
+        """`token`: the cluster token (default $PDLAB_CLUSTER_TOKEN, see `pdlab.cluster.auth`)."""
         self.endpoint = endpoint
+        self.token = token if token is not None else cluster_token()
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -139,7 +142,7 @@ class EngineClient:
     def _send(self, message) -> None:
         # A DEALER queues while the peer is (re)connecting, so this does not block; the
         # future only reports errors, which are logged rather than lost.
-        future = self._sock.send(encode(message))
+        future = self._sock.send_multipart(seal(self.token, [encode(message)]))
         future.add_done_callback(_log_send_error)
 
     async def close(self) -> None:

@@ -6,6 +6,7 @@ traceback; only a failure of the server itself (5xx) is logged in full.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -24,9 +25,10 @@ class APIError(Exception):
     """An error to answer with `status` and OpenAI's body."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
+                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
         self.message = message
         self.param = param
         self.code = code
@@ -36,7 +38,14 @@ class APIError(Exception):
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status)
+        return _AsciiJSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
+
+
+class _AsciiJSONResponse(JSONResponse):
+    """An error message may quote what the client sent, lone surrogates included: escape, never fail."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def invalid_request(error: PdlabError) -> APIError:

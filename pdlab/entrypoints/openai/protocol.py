@@ -17,6 +17,15 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 INT64 = 2**63
 
 
+def _unicode(value: str) -> str:
+    """JSON lets `\\ud800` through, a lone surrogate: not Unicode, and no tokenizer or encoder takes it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid Unicode: a lone surrogate {value[e.start]!r} at position {e.start}") from None
+    return value
+
+
 def _prompt(value: Any) -> str | list[int]:
     """A string, a list of token ids, or a list holding one string or one list of ids."""
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
@@ -24,7 +33,7 @@ def _prompt(value: Any) -> str | list[int]:
     if isinstance(value, str):
         if not value:
             raise ValueError("must not be empty")
-        return value
+        return _unicode(value)
     if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         if not value:
             raise ValueError("must not be empty")
@@ -41,7 +50,7 @@ def _stop(value: Any) -> list[str]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
         raise ValueError("must be a non-empty string or a list of non-empty strings")
-    return value
+    return [_unicode(s) for s in value]
 
 
 def _content(value: Any) -> str:
@@ -49,14 +58,14 @@ def _content(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
-        return value
+        return _unicode(value)
     if isinstance(value, list):
         texts = []
         for part in value:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise ValueError("content parts must be {\"type\": \"text\", \"text\": ...}; this model reads text only")
             texts.append(part["text"])
-        return "".join(texts)
+        return _unicode("".join(texts))
     raise ValueError("must be a string or a list of text parts")
 
 
@@ -93,6 +102,8 @@ N = Annotated[int, AfterValidator(_only_one)]
 Penalty = Annotated[float, AfterValidator(_zero)]
 LogitBias = Annotated[dict[str, float] | None, AfterValidator(_unsupported("biasing logits"))]
 Seed = Annotated[int | None, Field(ge=-INT64, lt=INT64)]
+Int64 = Annotated[int, Field(ge=-INT64, lt=INT64)]  # what the control plane's msgpack carries
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class StreamOptions(BaseModel):
@@ -106,13 +117,13 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None  # None: the served model
+    model: Text | None = None  # None: the served model
     temperature: float | None = None  # None: 1.0
     top_p: float | None = None  # None: 1.0
-    top_k: int | None = None  # extension; 0 or -1 disables it
+    top_k: Int64 | None = None  # extension; 0 or -1 disables it
     seed: Seed = None
     stop: Stop = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list)  # extension
+    stop_token_ids: list[Int64] = Field(default_factory=list)  # extension
     ignore_eos: bool = False  # extension
     n: N = 1
     stream: bool = False
@@ -125,8 +136,8 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    max_tokens: int | None = 16  # None: up to the model's context
-    logprobs: int | None = None  # how many top log-probabilities per token
+    max_tokens: Int64 | None = 16  # None: up to the model's context
+    logprobs: Int64 | None = None  # how many top log-probabilities per token
     echo: Annotated[bool, AfterValidator(_unsupported("echoing the prompt"))] = False
     best_of: Annotated[int | None, AfterValidator(_one_best)] = None
     suffix: Annotated[str | None, AfterValidator(_unsupported("a suffix (insertion)"))] = None
@@ -141,10 +152,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None  # None (and no max_tokens): up to the model's context
+    max_tokens: Int64 | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: Int64 | None = None  # None (and no max_tokens): up to the model's context
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
     tools: Annotated[list[dict[str, Any]] | None, AfterValidator(_unsupported("tool calling"))] = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

@@ -22,7 +22,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from pdlab.cluster.messages import RequestUpdate, sampling_to_msg
+from pdlab.cluster.messages import QUEUE_FULL, RequestUpdate, sampling_to_msg
 from pdlab.entrypoints.openai.detokenizer import IncrementalDetokenizer
 from pdlab.entrypoints.openai.engine_client import EngineClient, EngineUnavailable, RequestStream
 from pdlab.entrypoints.openai.errors import APIError, invalid_request
@@ -273,9 +273,15 @@ async def _disconnect(raw: Request) -> None:
         pass
 
 
+QUEUE_FULL_RETRY_AFTER_S = 1
+
+
 def _instance_error(message: str) -> APIError:
     if message.startswith(_REQUEST_FAULTS):
         return invalid_request(InvalidRequestError(message))
+    if message.startswith(QUEUE_FULL):  # overloaded, as OpenAI answers it: try again later
+        return APIError(503, f"the engine is overloaded: {message}", code="queue_full",
+                        headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
     return APIError(503, f"the engine could not serve the request: {message}", code="engine_error")
 
 
