@@ -251,26 +251,67 @@ class SamplingSection(_Section):
 
 
 class RunSection(_Section):
-    """One layout to serve the workload with: one colocated instance, or prefill instances and a decode instance."""
+    """One layout to serve the workload with: `num_instances` colocated instances, or `num_prefill` prefill
+    and `num_decode` decode instances (xPyD), each phase with its own tensor-parallel size."""
 
     name: Name
     mode: Literal["colocated", "disaggregated"] = "colocated"
-    transfer_protocol: Literal["tcp", "ipc"] = "ipc"  # disaggregated: how the KV moves (FastDeploy's default: ipc)
-    num_prefill: PositiveInt = 1  # disaggregated: prefill instances behind the decode instance
-    # real: instance processes on this machine; sim: the SimPy model with an analytical cost model.
-    backend: Literal["real", "sim"] = "real"
+    transfer_protocol: Literal["tcp", "ipc", "rdma"] = "ipc"  # disaggregated: how the KV moves (FastDeploy's: ipc)
+    num_instances: PositiveInt = 1  # colocated: replicas; requests go to the least loaded
+    num_prefill: PositiveInt = 1  # disaggregated: prefill instances (every decode instance uses all of them)
+    num_decode: PositiveInt = 1  # disaggregated: decode instances, the entry points; requests go to the least loaded
+    # GPUs per instance; None: engine.tensor_parallel_size. `tensor_parallel_size` is the colocated
+    # instances', `prefill_tp` and `decode_tp` the disaggregated phases'.
+    tensor_parallel_size: PositiveInt | None = None
+    prefill_tp: PositiveInt | None = None
+    decode_tp: PositiveInt | None = None
+    # real: instance processes on this machine; sim: the SimPy model with an analytical cost model; both: each.
+    backend: Literal["real", "sim", "both"] = "real"
     gpu: Literal["h100"] = "h100"  # sim: the GPU the roofline cost model assumes
+    # sim: step times from profile tables (`python -m pdlab.profile`, one per phase's TP size) instead of
+    # the roofline; `profile` for every instance, or `prefill_profile`/`decode_profile` per phase.
+    profile: Path | None = None
+    prefill_profile: Path | None = None
+    decode_profile: Path | None = None
     link: Literal["nvlink", "pcie", "rdma", "ideal"] = "nvlink"  # sim, disaggregated: the KV link
+    link_bandwidth_gbps: PositiveFloat | None = None  # sim: the link's bandwidth in GB/s instead of its preset's
     # sim: who picks the instances (pdlab/sim/cluster.py): innode, the decode entry point picks a prefill;
     # splitwise, a router picks both by FastDeploy's loads. A real run's routing is innode.
     routing: Literal["innode", "splitwise"] = "innode"
 
     @model_validator(mode="after")
-    def _splitwise_is_simulated(self):
+    def _check_layout(self):
         if self.routing == "splitwise" and self.backend != "sim":
             raise ValueError("routing: splitwise runs only with backend: sim (a real splitwise deployment needs Redis: "
                              "docs/splitwise.md)")
+        if self.mode == "colocated":
+            extra = [f for f in ("prefill_tp", "decode_tp") if getattr(self, f) is not None]
+            extra += [f for f in ("num_prefill", "num_decode") if getattr(self, f) != 1]
+            if extra:
+                raise ValueError(f"{', '.join(extra)}: only for mode: disaggregated (a colocated run has "
+                                 "num_instances and tensor_parallel_size)")
+        else:
+            if self.num_instances != 1 or self.tensor_parallel_size is not None:
+                raise ValueError("num_instances and tensor_parallel_size are for mode: colocated; a disaggregated run "
+                                 "has num_prefill, num_decode, prefill_tp and decode_tp")
+            if self.backend != "sim" and (self.prefill_tp or 0) != (self.decode_tp or 0):
+                raise ValueError("a real disaggregated run needs prefill_tp == decode_tp (rank r of the prefill sends to "
+                                 "rank r of the decode); different sizes run with backend: sim")
         return self
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return ("real", "sim") if self.backend == "both" else (self.backend,)
+
+    def tp(self, phase: Literal["mixed", "prefill", "decode"], default: int) -> int:
+        value = {"mixed": self.tensor_parallel_size, "prefill": self.prefill_tp, "decode": self.decode_tp}[phase]
+        return default if value is None else value
+
+
+class SweepSection(_Section):
+    """Run every run at each of these arrival rates (replacing `workload.arrival.rate_rps`)."""
+
+    rates_rps: tuple[PositiveFloat, ...] = Field(min_length=1)
 
 
 class SloSection(_Section):
@@ -295,7 +336,29 @@ class Experiment(_Section):
     sampling: SamplingSection = SamplingSection()
     runs: tuple[RunSection, ...] = Field((RunSection(name="colocated"),), min_length=1)
     slo: SloSection = SloSection()
+    sweep: SweepSection | None = None
     output_dir: Path = Path("results")
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_needs_a_rate(cls, sweep: SweepSection | None, info: ValidationInfo) -> SweepSection | None:
+        workload = info.data.get("workload")
+        if sweep is not None and workload is not None and getattr(workload.arrival, "rate_rps", False) is False:
+            raise ValueError(f"sweep.rates_rps needs an arrival with a rate (poisson, gamma, constant or trace), "
+                             f"not {workload.arrival.kind}")
+        return sweep
+
+    @property
+    def rates(self) -> tuple[float | None, ...]:
+        """The sweep's rates, or (None,): the file's own workload."""
+        return self.sweep.rates_rps if self.sweep is not None else (None,)
+
+    def at_rate(self, rate_rps: float | None) -> Experiment:
+        """This experiment with its arrivals at `rate_rps` (None: unchanged)."""
+        if rate_rps is None:
+            return self
+        arrival = self.workload.arrival.model_copy(update={"rate_rps": rate_rps})
+        return self.model_copy(update={"workload": self.workload.model_copy(update={"arrival": arrival})})
 
     @field_validator("model", mode="before")
     @classmethod
@@ -323,12 +386,12 @@ class Experiment(_Section):
         return runs
 
     def instance_args(self) -> list[str]:
-        """The same settings as command-line flags of an instance process."""
+        """The same settings as command-line flags of an instance process (its TP size apart: per run and role)."""
         e = self.engine
         flags = ["--dtype", self.model.dtype, "--device", self.model.device, "--seed", str(self.seed),
                  "--block-size", str(e.block_size), "--gpu-memory-utilization", str(e.gpu_memory_utilization),
                  "--max-num-seqs", str(e.max_num_seqs), "--attention-backend", e.attention_backend,
-                 "--tensor-parallel-size", str(e.tensor_parallel_size), *(["--enforce-eager"] if e.enforce_eager else []),
+                 *(["--enforce-eager"] if e.enforce_eager else []),
                  "--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill"]
         optional = {"--num-gpu-blocks": e.num_blocks, "--kv-cache-memory-bytes": e.kv_cache_memory_bytes,
                     "--max-num-batched-tokens": e.max_num_batched_tokens, "--max-model-len": e.max_model_len,

@@ -86,3 +86,61 @@ def save_figure(fig: Figure, path_without_ext: str | Path, formats: Iterable[str
         fig.savefig(path, format=fmt, dpi=150)
         paths.append(path)
     return paths
+
+
+def sweep_figure(sweep, slo: str = "") -> Figure:
+    """Goodput (req/s within SLO) and SLO attainment against the offered rate, one line per run and backend.
+
+    `sweep`: `ExperimentResult.sweep` (columns run, backend, rate_rps, goodput_rps, slo_attainment,
+    request_throughput_rps). Real runs are solid, simulated ones dashed.
+    """
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_good, ax_att = fig.subplots(1, 2)
+    for (run, backend), rows in sweep.groupby(["run", "backend"], sort=False):
+        rows = rows.sort_values("rate_rps")
+        style = "--" if backend == "sim" else "-"
+        label = f"{run} ({backend})"
+        good = rows["goodput_rps"] if rows["goodput_rps"].notna().any() else rows["request_throughput_rps"]
+        ax_good.plot(rows["rate_rps"], good, style, marker="o", label=label)
+        if rows["slo_attainment"].notna().any():
+            ax_att.plot(rows["rate_rps"], rows["slo_attainment"] * 100, style, marker="o", label=label)
+    top = float(np.nanmax(sweep["rate_rps"])) if len(sweep) else 1.0
+    ax_good.plot([0, top], [0, top], color="gray", linewidth=0.8, linestyle=":", label="offered rate")
+    ax_good.set(title="Goodput against offered rate", xlabel="offered rate (req/s)",
+                ylabel="goodput (req/s meeting the SLOs)" if slo else "throughput (req/s)")
+    ax_att.set(title=f"SLO attainment{f' ({slo})' if slo else ''}", xlabel="offered rate (req/s)",
+               ylabel="requests meeting both SLOs (%)", ylim=(0, 102))
+    for ax in (ax_good, ax_att):
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize="small")
+    return fig
+
+
+def interference_figure(runs: Runs, bin_s: float = 0.25) -> Figure:
+    """Decode stalls made visible: every inter-token gap (ms) against when it happened, one panel per run,
+    with the arrivals of new prompts marked below. In a colocated run the gaps jump while new prompts
+    are prefilled beside the decodes; on a disaggregated decode instance they stay flat."""
+    fig = Figure(figsize=(5.5 * max(1, len(runs)), 4), layout="constrained")
+    axes = fig.subplots(1, max(1, len(runs)), sharey=True, squeeze=False)[0]
+    for ax, (name, records) in zip(axes, runs.items(), strict=False):
+        times, gaps = [], []
+        for r in records:
+            t = r.token_times_s
+            times += list(t[1:])
+            gaps += [(b - a) * 1e3 for a, b in zip(t, t[1:], strict=False)]
+        if gaps:
+            ax.plot(times, gaps, ".", markersize=2, alpha=0.4, color="tab:blue", label="inter-token gap")
+            edges = np.arange(0, max(times) + bin_s, bin_s)
+            idx = np.digitize(times, edges)
+            p90 = [np.percentile(np.asarray(gaps)[idx == i], 90) if (idx == i).any() else np.nan
+                   for i in range(1, len(edges))]
+            ax.plot(edges[1:], p90, color="tab:orange", label=f"p90 per {bin_s:g} s")
+        arrivals = [r.arrival_s for r in records]
+        ax.plot(arrivals, np.zeros(len(arrivals)), "|", color="black", markersize=8, label="prompt arrives")
+        ax.set(title=name, xlabel="time since start (s)", yscale="symlog")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("inter-token gap (ms)")
+    if axes[0].has_data():
+        axes[0].legend(loc="upper right", fontsize="small")
+    return fig

@@ -18,7 +18,7 @@ import pandas as pd
 
 from pdlab.errors import PdlabError
 from pdlab.experiment import Experiment, RunSection, load_experiment
-from pdlab.metrics.records import RequestRecord, write_records_csv
+from pdlab.metrics.records import RequestRecord, records_to_frame
 from pdlab.metrics.summary import summarize, summary_table
 from pdlab.workload.workload import RequestSpec, make_workload
 
@@ -35,6 +35,14 @@ class RunResult:
     records: list[RequestRecord]
     summary: dict
     texts: dict[str, dict[str, str]] = field(default_factory=dict)  # request id -> prompt, answer
+    backend: str = "real"
+    rate_rps: float | None = None  # the sweep's rate (None: the file's workload)
+
+    @property
+    def label(self) -> str:
+        """`run`, with `@sim` for a simulated one beside a real one and `@R` for a sweep's rate R (req/s)."""
+        label = self.run.name + ("@sim" if self.backend == "sim" and self.run.backend == "both" else "")
+        return label if self.rate_rps is None else f"{label}@{self.rate_rps:g}"
 
 
 @dataclass
@@ -51,28 +59,55 @@ class ExperimentResult:
     def records(self) -> dict[str, list[RequestRecord]]:
         return {name: r.records for name, r in self.runs.items()}
 
+    @property
+    def sweep(self) -> pd.DataFrame:
+        """One row per run, backend and rate: the summary's metrics (what goodput-vs-rate plots read)."""
+        rows = [{"run": r.run.name, "backend": r.backend, "mode": r.run.mode, "rate_rps": r.rate_rps, **r.summary}
+                for r in self.runs.values()]
+        return pd.DataFrame(rows)
 
-def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> RunResult:
-    """Serve the workload on real instance processes of the run's layout; time it at the client."""
+
+def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> list[RunResult]:
+    """Serve the workload on real instance processes of the run's layout, once per rate of the sweep
+    (one deployment for all of them); time it at the client."""
+    from pdlab.backends.balance import Balanced
     from pdlab.backends.replay import replay
     from pdlab.cluster.client import RemoteEngine
     from pdlab.cluster.deploy import Deployment
     from pdlab.models.source import resolve_model
 
     tokenizer = resolve_model(exp.model.name).load_tokenizer()
-    requests = build_requests(exp, tokenizer)
+    tp = exp.engine.tensor_parallel_size
     deployment = Deployment(exp.model.name, run.mode, exp.instance_args(), protocol=run.transfer_protocol,
-                            num_prefill=run.num_prefill, log_dir=log_dir,
-                            tensor_parallel_size=exp.engine.tensor_parallel_size)
+                            num_instances=run.num_instances, num_prefill=run.num_prefill, num_decode=run.num_decode,
+                            tensor_parallel_size=run.tp("mixed", tp), prefill_tp=run.tp("prefill", tp),
+                            decode_tp=run.tp("decode", tp), log_dir=log_dir)
+    results = []
     with deployment:
-        engine = RemoteEngine(deployment.endpoint)
-        try:
-            records, outputs = replay(engine, requests, lambda spec: params_for(exp, spec), run.mode, progress=progress)
-        finally:
-            engine.close()
-    texts = {spec.request_id: {"prompt": spec.prompt_text, "answer": outputs[spec.request_id].text}
-             for spec in requests if spec.prompt_text is not None}
-    return RunResult(run, records, _summarize(exp, records), texts)
+        for rate in exp.rates:
+            at_rate = exp.at_rate(rate)
+            requests = build_requests(at_rate, tokenizer)
+            engine = Balanced([RemoteEngine(endpoint) for endpoint in deployment.endpoints])
+            try:
+                desc = run.name if rate is None else f"{run.name} @ {rate:g} req/s"
+                records, outputs = replay(engine, requests, lambda spec: params_for(exp, spec), run.mode,
+                                          progress=progress, desc=desc)
+            finally:
+                engine.close()
+            texts = {spec.request_id: {"prompt": spec.prompt_text, "answer": outputs[spec.request_id].text}
+                     for spec in requests if spec.prompt_text is not None}
+            results.append(RunResult(run, records, _summarize(exp, records), texts, "real", rate))
+    return results
+
+
+def run_sims(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> list[RunResult]:
+    """`run_sim` at every rate of the sweep."""
+    results = []
+    for rate in exp.rates:
+        result = run_sim(exp.at_rate(rate), run, progress, log_dir)
+        result.rate_rps = rate
+        results.append(result)
+    return results
 
 
 def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> RunResult:
@@ -81,6 +116,7 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     from pdlab.models.tokenizer import ByteTokenizer
     from pdlab.policy.scheduler import SchedulerConfig
     from pdlab.sim import GPUS, LINKS, InstanceSpec, Layout, simulate
+    from pdlab.sim.profile_cost import ProfileCost
     from pdlab.sim.models import SIM_MODELS, sim_model
 
     sim = sim_model(exp.model.name)  # the dense presets, the simulator-only MoE models, or a model directory
@@ -90,10 +126,6 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     requests = build_requests(exp, tokenizer)
     e = exp.engine
     weight_bits = {None: 16, "wint8": 8, "wint4": 4}[exp.model.quantization]
-    try:
-        cost = sim.cost(GPUS[run.gpu], tp=e.tensor_parallel_size, weight_bits=weight_bits)
-    except ValueError as err:
-        raise PdlabError(f"engine.tensor_parallel_size: {err}") from None
     max_model_len = e.max_model_len or min(model.max_position_embeddings, 8192)
     try:
         scheduler = SchedulerConfig(
@@ -102,16 +134,41 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
             enable_chunked_prefill=e.enable_chunked_prefill, max_model_len=max_model_len)
     except ValueError as err:
         raise PdlabError(f"engine: {err}") from None
-    num_blocks = e.num_blocks or cost.max_num_blocks(e.block_size, e.gpu_memory_utilization)
-    if num_blocks * e.block_size < max_model_len:
-        raise PdlabError(f"run {run.name}: {model.name}'s weights leave room for {num_blocks * e.block_size} KV tokens "
-                         f"per GPU, fewer than max_model_len ({max_model_len}); raise engine.tensor_parallel_size "
-                         f"or quantize (model.quantization)")
-    layout = Layout(InstanceSpec(scheduler, num_blocks, e.block_size), mode=run.mode, num_prefill=run.num_prefill,
-                    link=LINKS[run.link], kv_bytes_per_token=model.kv_bytes_per_token(2), num_layers=model.num_layers,
-                    routing=run.routing)
-    records = [replace(r, mode=run.mode) for r in simulate(requests, layout, cost, seed=exp.seed)]
-    return RunResult(run, records, _summarize(exp, records))
+
+    def instance(phase: str) -> InstanceSpec:
+        """One instance of `phase` on its GPUs: its roofline cost and the KV blocks its memory leaves."""
+        tp = run.tp(phase, e.tensor_parallel_size)
+        try:
+            cost = sim.cost(GPUS[run.gpu], tp=tp, weight_bits=weight_bits)
+        except ValueError as err:
+            raise PdlabError(f"run {run.name}: tensor-parallel size {tp}: {err}") from None
+        num_blocks = e.num_blocks or cost.max_num_blocks(e.block_size, e.gpu_memory_utilization)
+        if num_blocks * e.block_size < max_model_len:
+            raise PdlabError(f"run {run.name}: {model.name}'s weights leave room for {num_blocks * e.block_size} KV "
+                             f"tokens per {phase} instance of {tp} GPU(s), fewer than max_model_len "
+                             f"({max_model_len}); use more GPUs per instance or quantize (model.quantization)")
+        # Step times from a measured profile when the run names one (memory still from the roofline's sizes).
+        field = {"mixed": "profile", "prefill": "prefill_profile", "decode": "decode_profile"}[phase]
+        path = getattr(run, field) or run.profile
+        if path is not None:
+            try:
+                cost = ProfileCost.from_csv(path)
+            except (OSError, ValueError, KeyError) as err:
+                raise PdlabError(f"run {run.name}: {field} {path}: {err}") from None
+        return InstanceSpec(scheduler, num_blocks, e.block_size, cost)
+
+    link = LINKS[run.link]
+    if run.link_bandwidth_gbps is not None:
+        link = replace(link, bandwidth_bytes_per_s=run.link_bandwidth_gbps * 1e9)
+    if run.mode == "colocated":
+        layout = Layout(instance("mixed"), mode="colocated", num_instances=run.num_instances, routing=run.routing)
+    else:
+        layout = Layout(instance("prefill"), mode="disaggregated", num_prefill=run.num_prefill,
+                        num_decode=run.num_decode, decode_instance=instance("decode"), link=link,
+                        kv_bytes_per_token=model.kv_bytes_per_token(2), num_layers=model.num_layers,
+                        routing=run.routing)
+    records = [replace(r, mode=run.mode) for r in simulate(requests, layout, None, seed=exp.seed)]
+    return RunResult(run, records, _summarize(exp, records), backend="sim")
 
 
 def build_requests(exp: Experiment, tokenizer) -> list[RequestSpec]:
@@ -140,10 +197,12 @@ def _summarize(exp: Experiment, records: list[RequestRecord]) -> dict:
 
 
 def run_experiment(exp: Experiment, progress: bool = True, write: bool = True) -> ExperimentResult:
+    """Every run, on each of its backends, at each rate of the sweep (or once); results by label."""
     out_dir = exp.output_dir / exp.name if write else None
     log_dir = out_dir / "logs" if out_dir is not None else None
-    backends = {"real": run_real, "sim": run_sim}
-    runs = {run.name: backends[run.backend](exp, run, progress, log_dir) for run in exp.runs}
+    backends = {"real": run_real, "sim": run_sims}
+    runs = {r.label: r for run in exp.runs for backend in run.backends
+            for r in backends[backend](exp, run, progress, log_dir)}
     result = ExperimentResult(exp, runs, out_dir)
     if write:
         write_results(result)
@@ -157,22 +216,68 @@ def write_results(result: ExperimentResult) -> list[Path]:
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
     exp = result.experiment
-    all_records = [r for run in result.runs.values() for r in run.records]
-    files = [write_records_csv(all_records, out / "records.csv")]
+    frames = []
+    for label, run in result.runs.items():  # the record schema, with the run's label and rate in front
+        frame = records_to_frame(run.records)
+        frame.insert(0, "rate_rps", run.rate_rps)
+        frame.insert(0, "run", label)
+        frames.append(frame)
+    records = pd.concat(frames, ignore_index=True)
+    records["token_times_s"] = records["token_times_s"].map(json.dumps)
+    records.to_csv(out / "records.csv", index=False)
+    files = [out / "records.csv"]
     result.table.to_csv(out / "summary.csv")
     files.append(out / "summary.csv")
     (out / "texts.json").write_text(json.dumps({n: r.texts for n, r in result.runs.items()}, indent=2))
     meta = {"experiment": exp.model_dump(mode="json"), **provenance()}
     (out / "provenance.json").write_text(json.dumps(meta, indent=2))
     files += [out / "texts.json", out / "provenance.json"]
-    files += plots.save_figure(plots.cdf_figure(result.records, exp.slo.ttft_s, exp.slo.tpot_s), out / "cdf")
-    files += plots.save_figure(plots.timeline_figure(result.records), out / "timeline")
+    # Distributions at one load: the file's workload, or the sweep's highest rate.
+    last = {label: r.records for label, r in result.runs.items() if r.rate_rps == exp.rates[-1]}
+    files += plots.save_figure(plots.cdf_figure(last, exp.slo.ttft_s, exp.slo.tpot_s), out / "cdf")
+    files += plots.save_figure(plots.timeline_figure(last), out / "timeline")
+    if exp.sweep is not None:
+        result.sweep.to_csv(out / "sweep.csv", index=False)
+        slo = ", ".join(f"{k} {v:g} ms" for k, v in (("TTFT", exp.slo.ttft_ms), ("TPOT", exp.slo.tpot_ms)) if v)
+        files += [out / "sweep.csv", *plots.save_figure(plots.sweep_figure(result.sweep, slo), out / "sweep")]
     return files
 
 
+SWEEP_COLUMNS = ["run", "backend", "rate_rps", "request_throughput_rps", "goodput_rps", "slo_attainment",
+                 "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms"]
+
+
+def load_result(out_dir: str | Path) -> ExperimentResult:
+    """An experiment's results as `write_results` left them (records.csv and provenance.json), e.g. the
+    GPU runs committed under data/results/, for notebooks and comparisons on any machine."""
+    from pdlab.experiment import parse_experiment
+    from pdlab.metrics.records import frame_to_records
+
+    out_dir = Path(out_dir)
+    meta = json.loads((out_dir / "provenance.json").read_text())
+    exp = parse_experiment(meta["experiment"], str(out_dir / "provenance.json"))
+    frame = pd.read_csv(out_dir / "records.csv", dtype={"request_id": str, "error": str, "finish_reason": str},
+                        keep_default_na=False, na_values=[""])
+    by_name = {run.name: run for run in exp.runs}
+    runs = {}
+    for label, rows in frame.groupby("run", sort=False):
+        records = frame_to_records(rows)
+        rate = rows["rate_rps"].iloc[0]
+        rate = None if pd.isna(rate) else float(rate)
+        run = by_name[label.split("@")[0]]
+        runs[label] = RunResult(run, records, _summarize(exp, records), backend=records[0].backend, rate_rps=rate)
+    return ExperimentResult(exp, runs, out_dir)
+
+
 def format_report(result: ExperimentResult, max_texts: int = 3) -> str:
-    table = result.table.loc[[r for r in TABLE_ROWS if r in result.table.index]]
-    lines = [table.to_string(float_format=lambda v: f"{v:,.2f}"), ""]
+    if result.experiment.sweep is not None:  # one row per run, backend and rate
+        sweep = result.sweep
+        table = sweep[[c for c in SWEEP_COLUMNS if c in sweep.columns]].to_string(
+            index=False, float_format=lambda v: f"{v:,.2f}")
+    else:
+        table = result.table.loc[[r for r in TABLE_ROWS if r in result.table.index]].to_string(
+            float_format=lambda v: f"{v:,.2f}")
+    lines = [table, ""]
     for name, run in result.runs.items():
         for rid, t in list(run.texts.items())[:max_texts]:
             lines.append(f"[{name}] {t['prompt']!r}\n    -> {t['answer']!r}")

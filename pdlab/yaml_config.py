@@ -19,7 +19,9 @@ from pdlab.errors import ConfigError
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `dotted.key=value` strings (values parsed as YAML) to a settings mapping, in place."""
+    """Apply `dotted.key=value` strings (values parsed as YAML) to a settings mapping, in place.
+
+    A number indexes a list: `runs.1.prefill_tp=2` sets the second run's field."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -27,17 +29,37 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
+            if isinstance(node, list):
+                node = _item(node, part, item)
+                continue
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
+        if isinstance(node, list):
+            node[_index(node, parts[-1], item)] = value
+        else:
+            node[parts[-1]] = value
     return data
+
+
+def _index(items: list, part: str, override: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override {override!r}: {part} is not an index of a list of {len(items)}")
+    return int(part)
+
+
+def _item(items: list, part: str, override: str):
+    child = items[_index(items, part, override)]
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"override {override!r}: item {part} is not a section")
+    return child
 
 
 # Error messages: the YAML path of the bad field (pydantic's location without the

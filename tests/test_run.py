@@ -145,5 +145,5 @@ workload: {num_requests: 2, arrival: {kind: burst}, prompt_len: {kind: fixed, to
 runs: [{name: one, backend: sim}]
 """
     result = cli(str(write(tmp_path, text)), "--output-dir", str(tmp_path))
-    assert result.returncode == 2 and "raise engine.tensor_parallel_size" in result.stderr
+    assert result.returncode == 2 and "use more GPUs per instance" in result.stderr
     assert "Traceback" not in result.stderr

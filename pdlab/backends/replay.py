@@ -39,12 +39,13 @@ def replay(
     mode: str,
     progress: bool = True,
     idle_sleep_s: float = 0.0005,
+    desc: str | None = None,
 ) -> tuple[list[RequestRecord], dict[str, RequestOutput]]:
     """Serve `requests` at their arrival times; return their records and final outputs."""
     pending = deque(sorted(requests, key=lambda r: r.arrival_s))
     outputs: dict[str, RequestOutput] = {}
     start_s = engine.clock()
-    with tqdm(total=len(requests), desc=mode, disable=not progress, unit="req") as bar:
+    with tqdm(total=len(requests), desc=desc or mode, disable=not progress, unit="req") as bar:
         while pending or engine.has_unfinished():
             now_s = engine.clock() - start_s
             while pending and pending[0].arrival_s <= now_s:

@@ -1,13 +1,18 @@
-"""Start the instances of one layout (colocated, or P prefill + 1 decode), hand back the entry point, stop them.
+"""Start the instances of one layout, hand back its entry points, stop them.
 
-    with Deployment(model="smollm2", mode="disaggregated", engine_args=[...]) as d:
-        engine = RemoteEngine(d.endpoint)
+    with Deployment(model="smollm2", mode="disaggregated", num_prefill=2, num_decode=1) as d:
+        engine = RemoteEngine(d.endpoints[0])
 
-Devices: an instance takes `tensor_parallel_size` consecutive GPUs (a group).
-With room for two or more groups, prefill instances go on the first groups and
-the decode instance on the last (a colocated instance takes the first); with
-one group every instance shares it (each gets a share of its memory); on a CPU
-machine each instance gets a share of the cores.
+Layouts: `num_instances` colocated (mixed) instances, or `num_prefill` prefill
+and `num_decode` decode instances, every decode instance reaching every
+prefill instance through `--innode-prefill-ports` (FastDeploy's single-machine
+mode). The entry points are the mixed instances, or the decode instances.
+
+Devices: each instance takes as many consecutive GPUs as its tensor-parallel
+size (prefills first, then decodes, or the colocated replicas in order). When
+the layout needs more GPUs than there are, instances wrap around and share
+them (each then gets a share of their memory). On a machine without GPUs each
+instance gets a share of the cores, less one left to the client.
 """
 
 from __future__ import annotations
@@ -37,53 +42,71 @@ class Deployment:
     mode: Mode = "colocated"
     engine_args: list[str] = field(default_factory=list)
     protocol: str = "ipc"
-    num_prefill: int = 1
+    num_instances: int = 1  # colocated
+    num_prefill: int = 1  # disaggregated
+    num_decode: int = 1  # disaggregated
+    tensor_parallel_size: int = 1  # colocated instances' GPUs
+    prefill_tp: int = 1
+    decode_tp: int = 1
     log_dir: Path | None = None
     transfer_timeout_s: float = 30.0
-    tensor_parallel_size: int = 1  # GPUs per instance (the flag itself travels in engine_args)
     ready_timeout_s: float = 600.0
     instances: list[InstanceProcess] = field(default_factory=list)
 
     @property
+    def roles(self) -> list[tuple[str, int]]:
+        """(role, tensor-parallel size) of each instance, in start order."""
+        if self.mode == "colocated":
+            return [("mixed", self.tensor_parallel_size)] * self.num_instances
+        return [("prefill", self.prefill_tp)] * self.num_prefill + [("decode", self.decode_tp)] * self.num_decode
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Where clients send requests: the mixed instances, or the decode instances."""
+        return [p.endpoint for p in self.instances if p.role in ("mixed", "decode")]
+
+    @property
     def endpoint(self) -> str:
-        """Where clients send requests: the mixed instance, or the decode instance."""
-        return self.instances[-1].endpoint
+        return self.endpoints[0]
 
     def placement(self) -> list[dict[str, str]]:
-        """Environment of each instance to start, in start order (prefills, then the entry point)."""
-        num = 1 if self.mode == "colocated" else self.num_prefill + 1
-        tp = self.tensor_parallel_size
-        groups = _num_gpus() // tp
-        if _num_gpus():
-            if self.mode == "colocated" or groups <= 1:
-                indices = [0] * num
-            else:  # prefills round-robin over all groups but the last, which decodes
-                indices = [i % (groups - 1) for i in range(num - 1)] + [groups - 1]
-            return [{"CUDA_VISIBLE_DEVICES": ",".join(str(g * tp + r) for r in range(tp))} for g in indices]
-        threads = str(max(1, (os.cpu_count() or 1) // num))
-        return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(num)]
+        """The environment of each instance (start order): its GPUs, or its share of the cores."""
+        roles = self.roles
+        gpus = _num_gpus()
+        if not gpus:  # the cores, less one for the client that times the run (oversubscribed OpenMP crawls)
+            threads = str(max(1, ((os.cpu_count() or 1) - 1) // len(roles)))
+            return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in roles]
+        envs, next_gpu = [], 0
+        for _, tp in roles:
+            if next_gpu + tp > gpus:
+                next_gpu = 0  # wrap around: share
+            envs.append({"CUDA_VISIBLE_DEVICES": ",".join(str((next_gpu + r) % gpus) for r in range(tp))})
+            next_gpu += tp
+        return envs
 
-    def gpu_share(self, envs: list[dict[str, str]]) -> list[str]:
-        """Instances sharing one GPU split its memory."""
-        if not _num_gpus():
+    def gpu_share(self, env: dict[str, str], envs: list[dict[str, str]]) -> list[str]:
+        """Instances sharing a GPU split its memory."""
+        if "CUDA_VISIBLE_DEVICES" not in env:
             return []
-        per_gpu = max(sum(1 for e in envs if e["CUDA_VISIBLE_DEVICES"] == d["CUDA_VISIBLE_DEVICES"]) for d in envs)
-        return ["--gpu-memory-utilization", f"{0.9 / per_gpu:.2f}"] if per_gpu > 1 else []
+        mine = set(env["CUDA_VISIBLE_DEVICES"].split(","))
+        sharing = sum(1 for e in envs if mine & set(e["CUDA_VISIBLE_DEVICES"].split(",")))
+        return ["--gpu-memory-utilization", f"{0.9 / sharing:.2f}"] if sharing > 1 else []
 
     def start(self) -> Deployment:
         log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="pdlab-logs-"))
         envs = self.placement()
-        common = [*self.engine_args, *self.gpu_share(envs), "--cache-transfer-protocol", self.protocol,
+        common = [*self.engine_args, "--cache-transfer-protocol", self.protocol,
                   "--transfer-timeout-s", str(self.transfer_timeout_s)]
         try:
-            if self.mode == "colocated":
-                self.instances.append(start_instance("mixed", self.model, log_dir, extra_args=common, env=envs[0]))
-            else:
-                for env in envs[:-1]:
-                    self.instances.append(start_instance("prefill", self.model, log_dir, extra_args=common, env=env))
-                ports = ",".join(str(p.engine_worker_queue_port) for p in self.instances)
-                self.instances.append(start_instance("decode", self.model, log_dir, env=envs[-1],
-                                                     extra_args=[*common, "--innode-prefill-ports", ports]))
+            prefill_ports = []
+            for (role, tp), env in zip(self.roles, envs):
+                args = [*common, *self.gpu_share(env, envs), "--tensor-parallel-size", str(tp)]
+                if role == "decode":
+                    args += ["--innode-prefill-ports", ",".join(map(str, prefill_ports))]
+                proc = start_instance(role, self.model, log_dir, extra_args=args, env=env)
+                self.instances.append(proc)
+                if role == "prefill":
+                    prefill_ports.append(proc.engine_worker_queue_port)
             for instance in self.instances:
                 instance.wait_ready(self.ready_timeout_s)
         except BaseException:

@@ -130,3 +130,20 @@ def max_rate_meeting_target(attainment_by_rate: Mapping[float, float], target: f
             break
         best = rate
     return best
+
+
+def crossings(sweep, run_a: str, run_b: str, metric: str = "goodput_rps", backend: str | None = None) -> list[float]:
+    """Offered rates where two runs' `metric` curves cross in a sweep (`ExperimentResult.sweep`),
+    interpolated linearly between neighbouring rates; empty if one stays ahead throughout."""
+    rows = sweep if backend is None else sweep[sweep["backend"] == backend]
+    a = rows[rows["run"] == run_a].groupby("rate_rps")[metric].mean()
+    b = rows[rows["run"] == run_b].groupby("rate_rps")[metric].mean()
+    rates = sorted(set(a.index) & set(b.index))
+    diff = [(r, b[r] - a[r]) for r in rates if a[r] == a[r] and b[r] == b[r]]  # skip NaN
+    found = []
+    for (r0, d0), (r1, d1) in zip(diff, diff[1:]):
+        if d0 == 0:
+            found.append(float(r0))
+        elif d0 * d1 < 0:
+            found.append(float(r0 + (r1 - r0) * d0 / (d0 - d1)))
+    return found

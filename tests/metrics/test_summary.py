@@ -122,3 +122,15 @@ def test_invariants(rs, slo_ttft, slo_tpot):
     for r in rs:
         if r.tpot_s is not None:
             assert r.e2e_s == pytest.approx(r.ttft_s + (r.num_output_tokens - 1) * r.tpot_s, abs=1e-9)
+
+
+def test_crossings_interpolate_where_two_sweep_curves_cross():
+    import pandas as pd
+
+    from pdlab.metrics.summary import crossings
+
+    sweep = pd.DataFrame({"run": ["a"] * 3 + ["b"] * 3, "backend": ["real"] * 6, "rate_rps": [1, 2, 4] * 2,
+                          "goodput_rps": [1.0, 2.0, 2.5, 0.9, 1.6, 3.5]})
+    assert crossings(sweep, "a", "b") == [pytest.approx(2 + 2 * (-0.4) / (-0.4 - 1.0))]
+    assert crossings(sweep, "a", "a") == [1.0, 2.0]  # equal everywhere: every rate is a crossing point
+    assert crossings(sweep[sweep["rate_rps"] < 4], "a", "b") == []
