@@ -50,7 +50,6 @@ from pdlab.cluster.messages import (
 from pdlab.errors import ConfigError
 from pdlab.policy.dispatch import LeastLoaded
 from pdlab.policy.request import Request, RequestStatus
-from pdlab.transfer import make_receiver
 from pdlab.transfer.base import TransferError
 
 log = logging.getLogger("pdlab.instance")
@@ -102,14 +101,9 @@ class Decode(Frontend):
         self.dispatch = LeastLoaded()
         self.timeout_s = instance.args.transfer_timeout_s
         self.heartbeat_s = min(1.0, self.timeout_s / 4)
-        kv = self.engine.kv_cache.kv
-        self.receivers = {p: self._receiver(p) for p in instance.protocols}
-        self.descriptors = {p: KVDescriptor(
-            instance_id=instance.instance_id, protocol=p, cache_endpoint=instance.peer_cache_endpoint,
-            num_layers=kv.shape[0], num_blocks=kv.shape[2], block_size=kv.shape[3], num_kv_heads=kv.shape[4],
-            head_dim=kv.shape[5], dtype=str(kv.dtype).removeprefix("torch."), host=instance.host,
-            **receiver.descriptor_fields(),
-        ) for p, receiver in self.receivers.items()}
+        # A receiver per protocol on every tensor-parallel rank; prefill rank r writes into rank r.
+        self.kv_io = self.engine.runner.transfers
+        self.descriptors = {p: self._descriptor(p) for p in instance.protocols}
         self.assigned: dict[str, Assignment] = {}  # splitwise requests: their prefill and protocol
         self.transfers: dict[str, Transfer] = {}  # requests whose KV is on its way
         self.quarantine: dict[str, Transfer] = {}  # aborted mid-transfer, blocks held until the prefill confirms
@@ -117,15 +111,18 @@ class Decode(Frontend):
         self.by_transfer: dict[str, str] = {}  # transfer id -> request id, while the prefill may still send about it
         self._num_dispatched = 0
 
-    def _receiver(self, protocol: str):
-        kv_cache, instance = self.engine.kv_cache, self.instance
-        if protocol != "rdma":
-            return make_receiver(protocol, kv_cache)
-        # One --rdma-comm-ports port per GPU; NICs from $KVCACHE_RDMA_NICS.
-        gpu = kv_cache.kv.device.index or 0
-        ports = parse_ports(instance.args.rdma_comm_ports)
-        return make_receiver("rdma", kv_cache, port=ports[gpu % len(ports)] if ports else 0, host=instance.host,
-                             advertise_host=instance.advertise_host, gpu_index=gpu)
+    def _descriptor(self, protocol: str) -> KVDescriptor:
+        """Open `protocol`'s receivers (rdma: one --rdma-comm-ports port per GPU, NICs from
+        $KVCACHE_RDMA_NICS) and describe where prefill instances write."""
+        instance, kv = self.instance, self.engine.kv_cache.kv
+        ranks = self.kv_io.open_receiver(protocol, parse_ports(instance.args.rdma_comm_ports), instance.host,
+                                         instance.advertise_host)
+        return KVDescriptor(
+            instance_id=instance.instance_id, protocol=protocol, cache_endpoint=instance.peer_cache_endpoint,
+            num_layers=kv.shape[0], num_blocks=kv.shape[2], block_size=kv.shape[3], num_kv_heads=kv.shape[4],
+            head_dim=kv.shape[5], dtype=str(kv.dtype).removeprefix("torch."), host=instance.host,
+            **msgspec.structs.asdict(ranks[0]), tensor_parallel_size=len(ranks),
+            ranks=ranks if len(ranks) > 1 else [])
 
     def _peer(self, endpoint: str, name: str) -> PrefillPeer:
         """The connection to the prefill instance at `endpoint`, made on first use and polled by the loop."""
@@ -148,10 +145,10 @@ class Decode(Frontend):
 
     def admit(self, request: Request, task: Task | None) -> None:
         if task is not None:
-            if task.protocol not in self.receivers or not task.prefill_endpoint:
+            if task.protocol not in self.descriptors or not task.prefill_endpoint:
                 self.fail(request.request_id, f"the router asked for KV over {task.protocol!r} from "
                                               f"{task.prefill_id!r}; this instance receives over "
-                                              f"{', '.join(self.receivers)}", retry=True)
+                                              f"{', '.join(self.descriptors)}", retry=True)
                 return
             self.assigned[request.request_id] = Assignment(task.prefill_id, task.prefill_endpoint, task.protocol)
         self.scheduler.add_remote(request)
@@ -182,7 +179,7 @@ class Decode(Frontend):
                 or not set(header.dst_block_ids) <= set(request.block_ids) or len(rest) != 1):
             return
         try:
-            receiver = self.receivers.get(transfer.protocol)
+            receiver = self.kv_io.receiver(transfer.protocol)
             if receiver is None:
                 raise TransferError("no receiver for its protocol")
             receiver.write_layer(msgspec.structs.replace(header, request_id=request_id), rest[0].buffer)
@@ -220,7 +217,7 @@ class Decode(Frontend):
             self._end(request_id, f"KV transfer incomplete: {missing}", retry=True)
             return
         try:
-            self.receivers[transfer.protocol].commit(request.block_ids)
+            self.kv_io.commit(transfer.protocol, request.block_ids)
         except TransferError as e:
             self._end(request_id, f"KV transfer failed: {e}", retry=True)
             return
@@ -380,8 +377,7 @@ class Decode(Frontend):
             self.assigned.pop(out.request_id, None)
 
     def close(self) -> None:
-        for receiver in self.receivers.values():
-            receiver.close()
+        self.kv_io.close()
         for peer in self.peers.values():
             peer.sock.disable_monitor()
             peer.monitor.close(linger=0)

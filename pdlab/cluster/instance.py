@@ -52,9 +52,6 @@ class Instance:
         self.host = args.host
         self.advertise_host = args.advertise_host or _advertised(args.host)
         self.instance_id = args.instance_id or f"{self.role}:{args.engine_worker_queue_port}"
-        if args.tensor_parallel_size != 1 and self.role != "mixed":
-            raise ConfigError(f"--tensor-parallel-size > 1 is not supported yet for --splitwise-role {self.role} "
-                              "(only mixed instances shard over several GPUs so far)")
         config = engine_config(args)
         self.splitwise = _splitwise_config(args)
         self.protocols, self.protocol_notes = _usable_protocols(args, config.device, self.splitwise is not None)
@@ -347,7 +344,12 @@ def _usable_protocols(args: argparse.Namespace, device: str, splitwise: bool) ->
     except ValueError as e:
         raise ConfigError(str(e)) from None
     usable, notes = [], []
+    sharded = args.tensor_parallel_size > 1 and args.splitwise_role != "mixed"
     for protocol in asked:
+        if protocol == "tcp" and sharded:  # rank r writes rank r's KV heads; tcp goes through rank 0 only
+            notes.append("tcp cannot move the KV of a tensor-parallel instance (each rank writes its own "
+                         "KV heads); it uses ipc or rdma")
+            continue
         if protocol == "rdma":
             try:
                 _check_rdma(args, device)
@@ -358,8 +360,11 @@ def _usable_protocols(args: argparse.Namespace, device: str, splitwise: bool) ->
                 continue
         if protocol not in usable:
             usable.append(protocol)
-    if splitwise and "tcp" not in usable:
+    if splitwise and "tcp" not in usable and not sharded:
         usable.append("tcp")
+    if not usable:
+        raise ConfigError(f"--cache-transfer-protocol {args.cache_transfer_protocol!r}: nothing usable here "
+                          f"({'; '.join(notes)})")
     return usable, notes
 
 

@@ -29,8 +29,7 @@ from pdlab.cluster.messages import (
 from pdlab.engine.kv_io import Push
 from pdlab.errors import PdlabError
 from pdlab.policy.scheduler import ScheduledBatch
-from pdlab.transfer import make_sender
-from pdlab.transfer.base import KVSender, TransferError
+from pdlab.transfer.base import TransferError
 
 log = logging.getLogger("pdlab.instance")
 
@@ -38,19 +37,27 @@ HEARTBEAT_IVL_MS = 1000  # zmq heartbeats to each decode instance; silence past 
 
 
 @dataclass
+class Destination:
+    """A decode instance this one sends KV to."""
+
+    sender: int  # its sender in the runner's KVTransfers (one on every tensor-parallel rank)
+    socket: SealedSocket  # to its cache endpoint: PrefillDone, PrefillFailed (and, over tcp, the KV)
+    monitor: zmq.Socket  # disconnect events of `socket`
+
+
+@dataclass
 class Target:
-    sender: KVSender
+    destination: tuple[str, str]  # the decode instance's (instance id, cache endpoint)
     dst_block_ids: list[int]
     ack_deadline_s: float | None = None  # set once PrefillDone is sent
     num_frames: int = 0  # KV layer frames pushed (one per layer per chunk), reported in PrefillDone
-    error: str | None = None
 
 
 class Prefill(Role):
     def __init__(self, instance) -> None:
         super().__init__(instance)
-        self.senders: dict[tuple[str, str], KVSender] = {}
-        self.monitors: dict[tuple[str, str], zmq.Socket] = {}  # disconnect events of each sender's socket
+        self.transfers = self.engine.runner.transfers
+        self.destinations: dict[tuple[str, str], Destination] = {}
         self.targets: dict[str, Target] = {}
         self.timeout_s = instance.args.transfer_timeout_s
 
@@ -68,7 +75,7 @@ class Prefill(Role):
 
     def on_task(self, task: PrefillTask) -> None:
         try:
-            sender = self._sender(task.kv)
+            destination = self._destination(task.kv)
             # One token past the ones it has: the first a decode instance has not seen.
             params = sampling_from_msg(task.sampling, max_tokens=len(task.output_token_ids) + 1)
             request = self.engine.make_request(task.prompt_token_ids, params, task.request_id, seed=task.seed,
@@ -81,21 +88,20 @@ class Prefill(Role):
             self.metrics.on_transfer_failed("prefill_failed")
             return
         request.keep_blocks_after_finish = True
-        self.targets[request.request_id] = Target(sender, list(task.dst_block_ids))
+        self.targets[request.request_id] = Target(destination, list(task.dst_block_ids))
         self.scheduler.add(request)
 
     def on_abort(self, request_id: str) -> None:
         target = self.targets.get(request_id)
         if target is None:
             return
-        target.sender.abort(request_id)
-        try:
-            target.sender.flush()  # nothing of it is in flight once this returns
+        try:  # nothing of it is in flight once this returns
+            self.transfers.flush(self.destinations[target.destination].sender, request_id)
         except TransferError as e:  # a failed write is as stopped as a finished one
             log.warning("%s: flushing aborted %s: %s", self.instance.instance_id, request_id, e)
         self.engine.abort(request_id)
         self._release(request_id)
-        self._send(target.sender, PrefillFailed(request_id, "aborted by the decode instance"))
+        self._send(target, PrefillFailed(request_id, "aborted by the decode instance"))
         self.metrics.on_transfer_failed("aborted")
 
     # --- the loop --------------------------------------------------------------------
@@ -106,18 +112,14 @@ class Prefill(Role):
             target = self.targets.get(out.request_id)
             if target is None or not out.finished:
                 continue
-            error = self.engine.runner.transfers.errors.pop(out.request_id, None) or target.error
-            if error is not None:
-                self._fail(out.request_id, error)
-                continue
-            try:
-                target.sender.flush()
+            try:  # every rank's writes have landed, and none of the request's failed
+                self.transfers.flush(self.destinations[target.destination].sender, out.request_id)
             except TransferError as e:
                 self._fail(out.request_id, str(e))
                 continue
             logprobs = out.logprobs[-1] if out.logprobs else None
-            self._send(target.sender, PrefillDone(out.request_id, out.token_ids[-1], logprobs,
-                                                  self.instance.instance_id, target.num_frames))
+            self._send(target, PrefillDone(out.request_id, out.token_ids[-1], logprobs,
+                                           self.instance.instance_id, target.num_frames))
             now_s = self.engine.clock()
             target.ack_deadline_s = now_s + self.timeout_s
             self.metrics.on_prefill_done(out, now_s)
@@ -127,22 +129,20 @@ class Prefill(Role):
         The runner makes them layer by layer inside the forward pass; a failed one fails the request
         after the step (no token from partial KV)."""
         bs = self.engine.block_manager.block_size
-        transfers = self.engine.runner.transfers
         pushes = []
         for item in batch.items:
             target = self.targets.get(item.request.request_id)
-            if target is None or target.error is not None:
+            if target is None:
                 continue
-            transfers.senders[id(target.sender)] = target.sender
             target.num_frames += self.engine.model_config.num_layers
             first, last = item.start // bs, (item.start + item.num_tokens - 1) // bs
-            pushes.append(Push(item.request.request_id, id(target.sender), item.request.block_ids[first: last + 1],
-                               target.dst_block_ids[first: last + 1]))
+            pushes.append(Push(item.request.request_id, self.destinations[target.destination].sender,
+                               item.request.block_ids[first: last + 1], target.dst_block_ids[first: last + 1]))
         return pushes
 
     def tick(self, now_s: float) -> None:
-        for key, monitor in list(self.monitors.items()):
-            if _disconnected(monitor):
+        for key, destination in list(self.destinations.items()):
+            if _disconnected(destination.monitor):
                 self._lose_destination(key)
         for request_id, target in list(self.targets.items()):
             if target.ack_deadline_s is not None and now_s > target.ack_deadline_s:
@@ -151,14 +151,15 @@ class Prefill(Role):
                 self._release(request_id)
 
     def close(self) -> None:
-        for key in list(self.senders):
-            self._close_sender(key)
+        for key in list(self.destinations):
+            self._close_destination(key)
 
     # --- helpers ---------------------------------------------------------------------
 
-    def _sender(self, kv: KVDescriptor) -> KVSender:
+    def _destination(self, kv: KVDescriptor) -> tuple[str, str]:
+        """The decode instance `kv` describes, connected (a sender on every rank) on first use."""
         key = (kv.instance_id, kv.cache_endpoint)
-        if key not in self.senders:
+        if key not in self.destinations:
             sock = self.instance.zmq.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             # With the default high-water mark a send blocks once 1,000 frames wait for a decode instance
@@ -170,21 +171,19 @@ class Prefill(Role):
             monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             try:
                 sock.connect(kv.cache_endpoint)
-                self.senders[key] = make_sender(kv.protocol, self.engine.kv_cache, kv,
-                                                SealedSocket(sock, self.instance.token))
+                sealed = SealedSocket(sock, self.instance.token)
+                self.destinations[key] = Destination(self.transfers.open_sender(kv, sealed), sealed, monitor)
             except (TransferError, ValueError, zmq.ZMQError) as e:
                 sock.disable_monitor()
                 monitor.close(linger=0)
                 sock.close(linger=0)
                 raise TransferError(f"cannot send KV to {kv.instance_id} at {kv.cache_endpoint!r}: {e}") from None
-            self.monitors[key] = monitor
-        return self.senders[key]
+        return key
 
     def _lose_destination(self, key: tuple[str, str]) -> None:
         """The connection to a decode instance dropped: nothing sent to it since is known to arrive, and
         no KVAck will come. Drop its requests, free their blocks, and forget what is queued for it."""
-        sender = self.senders.get(key)
-        lost = [request_id for request_id, target in self.targets.items() if target.sender is sender]
+        lost = [request_id for request_id, target in self.targets.items() if target.destination == key]
         if lost:
             log.warning("%s: lost the connection to %s (%s); dropping its %d request(s) and freeing their blocks",
                         self.instance.instance_id, key[0], key[1], len(lost))
@@ -192,17 +191,14 @@ class Prefill(Role):
             self.engine.abort(request_id)
             self._release(request_id)
             self.metrics.on_transfer_failed("decode_lost")
-        self._close_sender(key)
+        self._close_destination(key)
 
-    def _close_sender(self, key: tuple[str, str]) -> None:
-        sender = self.senders.pop(key)
-        self.engine.runner.transfers.senders.pop(id(sender), None)
-        monitor = self.monitors.pop(key, None)
-        sender.close()
-        if monitor is not None:
-            sender.socket.disable_monitor()
-            monitor.close(linger=0)
-        sender.socket.close(linger=0)
+    def _close_destination(self, key: tuple[str, str]) -> None:
+        destination = self.destinations.pop(key)
+        self.transfers.close_sender(destination.sender)
+        destination.socket.disable_monitor()
+        destination.monitor.close(linger=0)
+        destination.socket.close(linger=0)
 
     def _fail(self, request_id: str, error: str) -> None:
         self.metrics.on_transfer_failed("prefill_failed")
@@ -210,14 +206,16 @@ class Prefill(Role):
         self.engine.abort(request_id)
         self._release(request_id)
         if target is not None:
-            self._send(target.sender, PrefillFailed(request_id, error))
+            self._send(target, PrefillFailed(request_id, error))
 
     def _release(self, request_id: str) -> None:
         self.targets.pop(request_id, None)
         self.scheduler.release(request_id)
 
-    def _send(self, sender: KVSender, message) -> None:
-        sender.socket.send(encode(message))
+    def _send(self, target: Target, message) -> None:
+        destination = self.destinations.get(target.destination)
+        if destination is not None:
+            destination.socket.send(encode(message))
 
     def _send_failed(self, kv: KVDescriptor, request_id: str, error: str) -> None:
         """Tell a decode instance that its task cannot be served (on a socket of its own: there may be no sender)."""

@@ -63,7 +63,7 @@ class _Commit(msgspec.Struct, frozen=True):
     block_ids: list[int]
 
 
-_rank_fields = tuple(msgspec.structs.fields(KVRank))
+_rank_fields = tuple(f.name for f in msgspec.structs.fields(KVRank))
 
 
 class KVTransfers:

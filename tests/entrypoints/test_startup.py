@@ -85,9 +85,10 @@ def test_a_taken_http_port_exits_2_naming_it(servers):
     assert not list(server.log_dir.glob("mixed-*.log")), "no instance should start"
 
 
-def test_tensor_parallel_prefill_and_decode_instances_exit_2_as_not_supported_yet(servers):
-    server = servers.start("prefill", "tiny", [*ENGINE_ARGS, "--tensor-parallel-size", "2"])
-    assert_one_clear_error(server, "exited with code 2", "--tensor-parallel-size", "not supported yet")
+def test_a_tensor_parallel_prefill_without_a_protocol_it_can_use_exits_2(servers):
+    server = servers.start("prefill", "tiny", [*ENGINE_ARGS, "--tensor-parallel-size", "2",
+                                               "--cache-transfer-protocol", "tcp"])
+    assert_one_clear_error(server, "exited with code 2", "tcp cannot move the KV of a tensor-parallel instance")
 
 
 def test_a_tensor_parallel_mixed_server_answers_as_a_single_rank_one_does(servers):

@@ -1,5 +1,5 @@
 """FastDeploy's multi-machine commands (../shared/FASTDEPLOY.md), as written but for the model name, the
-free ports of a test, `--device cpu`, and `--tensor-parallel-size 4`, which needs GPUs.
+free ports of a test and `--device cpu` (the four ranks of each instance are gloo processes on the CPU).
 
 A prefill and a decode api_server register with the splitwise scheduler; requests sent to either one's
 OpenAI API (any instance's) get the colocated engine's tokens. On this machine there is no RDMA device,
@@ -25,7 +25,7 @@ from pdlab.cluster.launch import free_port
 from .conftest import new_topic
 from .test_splitwise import wait_nodes
 
-MODEL = "tiny"
+MODEL = "tiny-qwen3"  # a shape that shards 4 ways and whose shards wint4 can group
 PROMPTS = ["The lighthouse keeper climbed the stairs", "Ships no longer needed the light", "In winter the storms"]
 
 
@@ -37,6 +37,7 @@ def fastdeploy_command(role: str, redis_port: int, topic: str) -> tuple[list[str
             "--port", str(port), "--metrics-port", str(free_port()),
             "--engine-worker-queue-port", str(free_port()),
             "--cache-queue-port", str(free_port()),
+            "--tensor-parallel-size", "4",
             "--quantization", "wint4",
             "--cache-transfer-protocol", "rdma,ipc",
             "--rdma-comm-ports", rdma_ports,
@@ -88,8 +89,8 @@ def fastdeploy_pair(redis_server, tmp_path: Path):
 
 
 def test_fastdeploys_multi_machine_commands_serve_from_either_instance(fastdeploy_pair):
-    offline = LLM(MODEL, device="cpu", max_model_len=256, quantization="wint4")
-    want = [o.text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0))]
+    with LLM(MODEL, device="cpu", max_model_len=256, quantization="wint4", tensor_parallel_size=4) as offline:
+        want = [o.text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0))]
     for role in ("prefill", "decode"):  # any instance's API takes requests
         port, _ = fastdeploy_pair[role]
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
