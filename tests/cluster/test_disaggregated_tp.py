@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 
 from pdlab import LLM, SamplingParams
 from pdlab.cluster.client import RemoteEngine
