@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 
@@ -20,7 +19,8 @@ from pdlab.cluster.client import ping
 from pdlab.cluster.messages import Pong
 from tests.cluster.conftest import ENV, Cluster, Pair, cluster, instance_args, is_idle, module_cluster  # noqa: F401
 from tests.cluster.splitwise.conftest import (  # noqa: F401
-    EXPIRE_S, HEARTBEAT_S, Hosts, RedisServer, hosts, new_topic, redis_server, splitwise_args,
+    EXPIRE_S, HEARTBEAT_S, Hosts, RedisServer, hosts, network_hosts, new_topic, node_ids, redis_server, splitwise_args,
+    wait_nodes,
 )
 from tests.entrypoints.conftest import ApiServer, Servers, module_servers, servers  # noqa: F401
 
@@ -67,16 +67,6 @@ def report(name: str, numbers: dict) -> None:
 
 @pytest.fixture
 def three_hosts() -> Iterator[Hosts]:
-    """Three "machines" (network namespaces on one bridge); skips where namespaces cannot be made."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2 (the CI machine has both)")
-    made = Hosts(3)
-    try:
-        made.up()
-    except RuntimeError as e:
-        made.down()
-        pytest.skip(f"cannot make network namespaces here: {e}")
-    try:
+    """Three "machines" (network namespaces on one bridge)."""
+    with network_hosts(3) as made:
         yield made
-    finally:
-        made.down()

@@ -27,7 +27,7 @@ from pdlab.cluster.launch import InstanceProcess, free_port
 from pdlab.cluster.splitwise.keys import Keys
 from pdlab.engine.outputs import RequestOutput
 
-from .conftest import ENV, Hosts, RedisServer, new_topic, report, splitwise_args, wait_idle
+from .conftest import ENV, Hosts, RedisServer, new_topic, node_ids, report, splitwise_args, wait_idle, wait_nodes
 
 MAX_LEN = 512
 
@@ -103,18 +103,6 @@ def test_kill_9_of_the_decode_mid_stream_frees_every_prefill_block_and_a_new_dec
 
 
 # --- the splitwise scheduler ------------------------------------------------------------------------
-
-
-def node_ids(server: RedisServer, topic: str) -> set[str]:
-    return {k.decode() for k in server.client().hkeys(Keys(topic).cluster)}
-
-
-def wait_nodes(server: RedisServer, topic: str, num: int, timeout_s: float = 30.0) -> set[str]:
-    deadline = time.monotonic() + timeout_s
-    while len(ids := node_ids(server, topic)) < num:
-        assert time.monotonic() < deadline, f"only {sorted(ids)} registered in {timeout_s:.0f} s"
-        time.sleep(0.05)
-    return ids
 
 
 def test_redis_restarted_under_load_loses_inbox_entries_and_every_request_still_ends(cluster, tmp_path, tiny_llm):

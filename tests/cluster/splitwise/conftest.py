@@ -5,6 +5,7 @@ Skips with a reason when `redis-server` is not installed (`.ci/run` installs it)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import redis
 
 from pdlab.cluster.launch import free_port
+from pdlab.cluster.splitwise.keys import Keys
 
 HEARTBEAT_S = 0.1
 EXPIRE_S = 1.5
@@ -140,12 +142,13 @@ def sh(command: str, check: bool = True) -> None:
         raise RuntimeError(f"{command}: {result.stderr.strip()}")
 
 
-@pytest.fixture
-def hosts() -> Iterator[Hosts]:
-    """Two "machines" (network namespaces); skips where namespaces cannot be made (not root, no iproute2)."""
+@contextlib.contextmanager
+def network_hosts(count: int) -> Iterator[Hosts]:
+    """`count` "machines" (network namespaces on one bridge), removed afterwards; skips the test where
+    namespaces cannot be made (not root, no iproute2)."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("network namespaces need root and iproute2 (the CI machine has both)")
-    made = Hosts(2)
+    made = Hosts(count)
     try:
         made.up()
     except RuntimeError as e:
@@ -155,3 +158,24 @@ def hosts() -> Iterator[Hosts]:
         yield made
     finally:
         made.down()
+
+
+def node_ids(server: RedisServer, topic: str) -> set[str]:
+    """The node ids registered in `topic`'s cluster hash."""
+    return {k.decode() for k in server.client().hkeys(Keys(topic).cluster)}
+
+
+def wait_nodes(server: RedisServer, topic: str, num: int, timeout_s: float = 30.0) -> set[str]:
+    """Wait until at least `num` nodes have registered."""
+    deadline = time.monotonic() + timeout_s
+    while len(ids := node_ids(server, topic)) < num:
+        assert time.monotonic() < deadline, f"only {sorted(ids)} registered in {timeout_s:.0f} s"
+        time.sleep(0.05)
+    return ids
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    """Two "machines" (network namespaces)."""
+    with network_hosts(2) as made:
+        yield made

@@ -22,8 +22,7 @@ from openai import OpenAI
 from pdlab import LLM, SamplingParams
 from pdlab.cluster.launch import free_port
 
-from .conftest import new_topic
-from .test_splitwise import wait_nodes
+from .conftest import new_topic, wait_nodes
 
 MODEL = "tiny-qwen3"  # a shape that shards 4 ways and whose shards wint4 can group
 PROMPTS = ["The lighthouse keeper climbed the stairs", "Ships no longer needed the light", "In winter the storms"]

@@ -29,7 +29,7 @@ from pdlab.cluster.splitwise.keys import Keys
 from pdlab.cluster.splitwise.wire import decode_node
 from pdlab.engine.outputs import RequestOutput
 
-from .conftest import EXPIRE_S, HEARTBEAT_S, Hosts, RedisServer, new_topic, splitwise_args
+from .conftest import EXPIRE_S, HEARTBEAT_S, Hosts, RedisServer, new_topic, node_ids, splitwise_args, wait_nodes
 
 MAX_LEN = 512
 
@@ -44,18 +44,6 @@ def params_of(kind: str, n: int, max_tokens: int) -> list[SamplingParams]:
         return [SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=i % 2 == 0) for i in range(n)]
     return [SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, top_k=40, seed=500 + i,
                            ignore_eos=i % 2 == 0) for i in range(n)]
-
-
-def node_ids(server: RedisServer, topic: str) -> set[str]:
-    return {k.decode() for k in server.client().hkeys(Keys(topic).cluster)}
-
-
-def wait_nodes(server: RedisServer, topic: str, num: int, timeout_s: float = 30.0) -> set[str]:
-    deadline = time.monotonic() + timeout_s
-    while len(ids := node_ids(server, topic)) < num:
-        assert time.monotonic() < deadline, f"only {sorted(ids)} registered in {timeout_s:.0f} s"
-        time.sleep(0.05)
-    return ids
 
 
 def start(cluster, role: str, server: RedisServer, topic: str, protocol: str = "tcp", **kw):
