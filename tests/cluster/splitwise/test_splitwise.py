@@ -183,9 +183,8 @@ def test_kill_9_of_a_decode_re_dispatches_its_requests_and_drops_it_from_redis(c
     # Two sequences at a time per decode instance: most requests wait in a decode's queue.
     decode_args = ["--max-num-seqs", "2"]
     prefill = start(cluster, "prefill", redis_server, topic)
-    doomed, survivor = (start(cluster, "decode", redis_server, topic, extra=decode_args) for _ in range(2))
-    procs = [prefill, doomed, survivor]
-    for proc in procs:
+    decodes = [start(cluster, "decode", redis_server, topic, extra=decode_args) for _ in range(2)]
+    for proc in (prefill, *decodes):
         proc.wait_ready(120)
     wait_nodes(redis_server, topic, 3)
     prompts = prompts_of([8, 30, 12, 60, 5, 44, 21, 70, 15, 33, 9, 50], seed=7)
@@ -199,10 +198,12 @@ def test_kill_9_of_a_decode_re_dispatches_its_requests_and_drops_it_from_redis(c
         while not any(o.token_ids for o in engine.pending.values()):
             for out in engine.step():
                 assert not out.finished, f"{out.request_id} finished before any other streamed: {out.error}"
+        # The doomed one is the decode holding more of them (the router's picks are random among near-ties).
+        held = {proc.endpoint: (pong := ping(proc.endpoint)).num_running + pong.num_waiting for proc in decodes}
+        doomed, survivor = sorted(decodes, key=lambda proc: -held[proc.endpoint])
         doomed_id = f"decode@127.0.0.1:{doomed.engine_worker_queue_port}"
         assert doomed_id in node_ids(redis_server, topic)
-        pong = ping(doomed.endpoint)
-        assert pong.num_running + pong.num_waiting >= 3, f"the doomed decode should hold requests: {pong}"
+        assert held[doomed.endpoint] >= 3, f"the doomed decode should hold requests: {held}"
         doomed.kill()
         killed_s = time.monotonic()
         outs.update(engine.drain(60.0))
