@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,8 @@ from pdlab.policy.block_manager import BlockManager
 from pdlab.policy.request import Request
 from pdlab.policy.scheduler import Scheduler, SchedulerConfig
 from pdlab.sampling_params import SamplingParams
+
+log = logging.getLogger("pdlab.engine")
 
 CPU_KV_CACHE_BYTES = 512 << 20
 MAX_DEFAULT_MODEL_LEN = 8192
@@ -120,6 +123,8 @@ class LLMEngine:
         except BaseException:
             self.close()
             raise
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB%s)", self.kv_cache.num_blocks, config.block_size,
+                 self.kv_cache.num_bytes / 2**30, f" per rank, {config.tensor_parallel_size} ranks" if self.tp else "")
         self.block_manager = BlockManager(self.kv_cache.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self._seeds = random.Random(config.seed)
