@@ -23,12 +23,10 @@ are relative to the working directory, like every path on the command line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -42,28 +40,20 @@ from pydantic import (
 
 from pdlab.errors import ConfigError
 from pdlab.sampling_params import SamplingParams
-from pdlab.workload import arrivals, lengths, traces
-from pdlab.workload.workload import WorkloadSpec
-from pdlab.yaml_config import UniqueKeyLoader, apply_overrides, describe_error, line_of
-
-if TYPE_CHECKING:
-    import pandas as pd
+from pdlab.workload.config import WorkloadSection
+from pdlab.yaml_config import Section, UniqueKeyLoader, apply_overrides, describe_error, line_of
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]  # used in result paths
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSection(_Section):
+class ModelSection(Section):
     name: str = "smollm2"  # a preset, a Hugging Face model directory or a GGUF file
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quantization: Literal["wint8", "wint4"] | None = None  # weight-only, of the linears
 
 
-class EngineSection(_Section):
+class EngineSection(Section):
     """The engine's knobs; names and meanings as in `pdlab.engine.config.EngineConfig`."""
 
     block_size: PositiveInt = 16
@@ -79,168 +69,7 @@ class EngineSection(_Section):
     enforce_eager: bool = False  # no CUDA graphs
 
 
-# Arrival processes, tagged by `kind`.
-
-
-class PoissonArrival(_Section):
-    kind: Literal["poisson"]
-    rate_rps: PositiveFloat
-
-    def build(self, trace: pd.DataFrame | None) -> arrivals.ArrivalProcess:
-        return arrivals.PoissonArrivals(self.rate_rps)
-
-
-class GammaArrival(_Section):
-    kind: Literal["gamma"]
-    rate_rps: PositiveFloat
-    cv: PositiveFloat = 1.0  # coefficient of variation of the gaps; > 1 is burstier than Poisson
-
-    def build(self, trace: pd.DataFrame | None) -> arrivals.ArrivalProcess:
-        return arrivals.GammaArrivals(self.rate_rps, self.cv)
-
-
-class ConstantArrival(_Section):
-    kind: Literal["constant"]
-    rate_rps: PositiveFloat
-
-    def build(self, trace: pd.DataFrame | None) -> arrivals.ArrivalProcess:
-        return arrivals.ConstantArrivals(self.rate_rps)
-
-
-class BurstArrival(_Section):
-    kind: Literal["burst"]  # every request at time 0
-
-    def build(self, trace: pd.DataFrame | None) -> arrivals.ArrivalProcess:
-        return arrivals.BurstArrivals()
-
-
-class TraceArrival(_Section):
-    kind: Literal["trace"]  # the first num_requests arrivals of workload.trace, in order
-    rate_rps: PositiveFloat | None = None  # rescale the window to this mean rate; None keeps the trace's times
-
-    def build(self, trace: pd.DataFrame | None) -> arrivals.ArrivalProcess:
-        return traces.trace_arrivals(trace, self.rate_rps)
-
-
-Arrival = Annotated[
-    PoissonArrival | GammaArrival | ConstantArrival | BurstArrival | TraceArrival, Field(discriminator="kind")
-]
-
-
-# Length distributions, tagged by `kind`.
-
-
-class _Bounded(_Section):
-    min_tokens: PositiveInt = 1
-    max_tokens: PositiveInt | None = None
-
-    @model_validator(mode="after")
-    def _check_bounds(self):
-        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
-            raise ValueError(f"max_tokens ({self.max_tokens}) must be >= min_tokens ({self.min_tokens})")
-        return self
-
-    @property
-    def max_value(self) -> int | None:
-        return self.max_tokens
-
-
-class FixedLen(_Section):
-    kind: Literal["fixed"]
-    tokens: PositiveInt
-
-    def build(self, trace: pd.DataFrame | None, column: str) -> lengths.LengthDistribution:
-        return lengths.FixedLength(self.tokens)
-
-    @property
-    def max_value(self) -> int:
-        return self.tokens
-
-
-class UniformLen(_Bounded):
-    kind: Literal["uniform"]
-    min_tokens: PositiveInt
-    max_tokens: PositiveInt
-
-    def build(self, trace: pd.DataFrame | None, column: str) -> lengths.LengthDistribution:
-        return lengths.UniformLength(self.min_tokens, self.max_tokens)
-
-
-class LognormalLen(_Bounded):
-    """Give the center as `median_tokens` or `mean_tokens`, the spread as `sigma` or `p90_tokens`."""
-
-    kind: Literal["lognormal"]
-    median_tokens: PositiveFloat | None = None
-    mean_tokens: PositiveFloat | None = None
-    sigma: NonNegativeFloat | None = None
-    p90_tokens: PositiveFloat | None = None
-
-    @model_validator(mode="after")
-    def _check_parameters(self):
-        if (self.median_tokens is None) == (self.mean_tokens is None):
-            raise ValueError("give exactly one of median_tokens and mean_tokens")
-        if (self.sigma is None) == (self.p90_tokens is None):
-            raise ValueError("give exactly one of sigma and p90_tokens")
-        if self.p90_tokens is not None and (self.median_tokens is None or self.p90_tokens < self.median_tokens):
-            raise ValueError("p90_tokens needs median_tokens, and must be >= it")
-        return self
-
-    def build(self, trace: pd.DataFrame | None, column: str) -> lengths.LengthDistribution:
-        bounds = (self.min_tokens, self.max_tokens)
-        if self.p90_tokens is not None:
-            return lengths.LognormalLength.from_p90(self.median_tokens, self.p90_tokens, *bounds)
-        if self.mean_tokens is not None:
-            return lengths.LognormalLength.from_mean(self.mean_tokens, self.sigma, *bounds)
-        return lengths.LognormalLength(self.median_tokens, self.sigma, *bounds)
-
-
-class TraceLen(_Bounded):
-    kind: Literal["trace"]  # this column of workload.trace
-    replay: bool = False  # True: the first num_requests rows in order; False: drawn with replacement
-
-    def build(self, trace: pd.DataFrame | None, column: str) -> lengths.LengthDistribution:
-        return traces.trace_lengths(trace, column, self.replay, self.min_tokens, self.max_tokens)
-
-
-Length = Annotated[FixedLen | UniformLen | LognormalLen | TraceLen, Field(discriminator="kind")]
-
-
-class WorkloadSection(_Section):
-    num_requests: PositiveInt
-    arrival: Arrival
-    prompt_len: Length
-    output_len: Length
-    trace: Path | None = None  # a trace CSV (see pdlab.workload.traces), for kind: trace
-    # Real user messages (sent through the chat template) for the first requests.
-    text_prompts: tuple[str, ...] = ()
-
-    @model_validator(mode="after")
-    def _check_trace(self):
-        users = [name for name in ("arrival", "prompt_len", "output_len") if getattr(self, name).kind == "trace"]
-        if users and self.trace is None:
-            raise ValueError(f"{users[0]} has kind 'trace' but no trace file is given (set workload.trace)")
-        return self
-
-    @property
-    def max_request_tokens(self) -> int | None:
-        """The most prompt + output tokens a synthetic request can need, when the config bounds it."""
-        if self.prompt_len.max_value is None or self.output_len.max_value is None:
-            return None
-        return self.prompt_len.max_value + self.output_len.max_value
-
-    def to_spec(self) -> WorkloadSpec:
-        """The runtime workload; reads the trace file when a distribution uses it."""
-        trace = traces.load_trace(self.trace) if self.trace is not None else None
-        return WorkloadSpec(
-            num_requests=self.num_requests,
-            arrivals=self.arrival.build(trace),
-            prompt_len=self.prompt_len.build(trace, "num_prompt_tokens"),
-            output_len=self.output_len.build(trace, "num_output_tokens"),
-            text_prompts=self.text_prompts,
-        )
-
-
-class SamplingSection(_Section):
+class SamplingSection(Section):
     temperature: NonNegativeFloat = 1.0  # 0 is greedy
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: NonNegativeInt = 0  # 0 disables it
@@ -250,7 +79,7 @@ class SamplingSection(_Section):
         return SamplingParams(max_tokens=max_tokens, seed=seed, **self.model_dump())
 
 
-class RunSection(_Section):
+class RunSection(Section):
     """One layout to serve the workload with: `num_instances` colocated instances, or `num_prefill` prefill
     and `num_decode` decode instances (xPyD), each phase with its own tensor-parallel size."""
 
@@ -308,13 +137,13 @@ class RunSection(_Section):
         return default if value is None else value
 
 
-class SweepSection(_Section):
+class SweepSection(Section):
     """Run every run at each of these arrival rates (replacing `workload.arrival.rate_rps`)."""
 
     rates_rps: tuple[PositiveFloat, ...] = Field(min_length=1)
 
 
-class SloSection(_Section):
+class SloSection(Section):
     ttft_ms: PositiveFloat | None = None
     tpot_ms: PositiveFloat | None = None
 
@@ -327,7 +156,7 @@ class SloSection(_Section):
         return None if self.tpot_ms is None else self.tpot_ms / 1e3
 
 
-class Experiment(_Section):
+class Experiment(Section):
     name: Name
     seed: NonNegativeInt = 0
     model: ModelSection = ModelSection()

@@ -13,9 +13,15 @@ import typing
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from pdlab.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A section of a YAML settings file: unknown keys are errors, values frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
