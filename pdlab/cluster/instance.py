@@ -26,16 +26,16 @@ import time
 
 import zmq
 
-from pdlab.cluster.args import add_instance_args, engine_config, parse_ports, parse_protocols
+from pdlab.cluster.args import add_instance_args, engine_config, parse_ports
 from pdlab.cluster.auth import RefusalLog, cluster_token, unseal
 from pdlab.cluster.messages import (
     AbortRequest, GenerateRequest, KVLayer, MessageError, Ping, PrefillDone, PrefillFailed, Pong, decode, encode,
 )
 from pdlab.cluster.metrics import InstanceMetrics
+from pdlab.cluster.protocols import usable_protocols
 from pdlab.engine.engine import LLMEngine
 from pdlab.errors import ConfigError, PdlabError
 from pdlab.policy.dispatch import instance_load
-from pdlab.transfer.base import TransferError
 
 log = logging.getLogger("pdlab.instance")
 
@@ -54,7 +54,7 @@ class Instance:
         self.instance_id = args.instance_id or f"{self.role}:{args.engine_worker_queue_port}"
         config = engine_config(args)
         self.splitwise = _splitwise_config(args)
-        self.protocols, self.protocol_notes = _usable_protocols(args, config.device, self.splitwise is not None)
+        self.protocols, self.protocol_notes = usable_protocols(args, config.device, self.splitwise is not None)
         self.protocol = self.protocols[0]  # the one a single-machine pair uses
         if self.splitwise is not None:  # a missing Redis fails now, not after the model has loaded
             from pdlab.cluster.splitwise.agent import connect
@@ -330,54 +330,6 @@ def _splitwise_config(args: argparse.Namespace):
     return SplitwiseConfig(host=args.scheduler_host, port=args.scheduler_port, password=args.scheduler_password,
                            topic=args.scheduler_topic, ttl_s=args.scheduler_ttl, heartbeat_s=args.scheduler_heartbeat_s,
                            expire_s=args.scheduler_expire_s, dispatch=args.scheduler_dispatch)
-
-
-def _usable_protocols(args: argparse.Namespace, device: str, splitwise: bool) -> tuple[list[str], list[str]]:
-    """The KV protocols this instance can use, preferred first, and notes on those it cannot.
-
-    rdma needs a device (checked now): named alone and missing, it is an error; listed with
-    others, they stand in. With the splitwise scheduler, tcp is always offered too: it is what
-    two instances on different hosts without a common fast protocol use.
-    """
-    try:
-        asked = parse_protocols(args.cache_transfer_protocol)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    usable, notes = [], []
-    sharded = args.tensor_parallel_size > 1 and args.splitwise_role != "mixed"
-    for protocol in asked:
-        if protocol == "tcp" and sharded:  # rank r writes rank r's KV heads; tcp goes through rank 0 only
-            notes.append("tcp cannot move the KV of a tensor-parallel instance (each rank writes its own "
-                         "KV heads); it uses ipc or rdma")
-            continue
-        if protocol == "rdma":
-            try:
-                _check_rdma(args, device)
-            except TransferError as e:
-                if len(asked) == 1:
-                    raise ConfigError(f"--cache-transfer-protocol rdma: {e}; use tcp (works anywhere) or ipc") from None
-                notes.append(f"rdma is not usable here ({e}); using {', '.join(p for p in asked if p != 'rdma')}")
-                continue
-        if protocol not in usable:
-            usable.append(protocol)
-    if splitwise and "tcp" not in usable and not sharded:
-        usable.append("tcp")
-    if not usable:
-        raise ConfigError(f"--cache-transfer-protocol {args.cache_transfer_protocol!r}: nothing usable here "
-                          f"({'; '.join(notes)})")
-    return usable, notes
-
-
-def _check_rdma(args: argparse.Namespace, device: str) -> None:
-    try:
-        from pdlab.transfer.rdma_setup import check_rdma
-    except ImportError as e:
-        raise TransferError(f"the rdma transport cannot be loaded: {e}") from None
-    check_rdma(os.environ.get("KVCACHE_RDMA_NICS", ""), _gpu_index(device))
-
-
-def _gpu_index(device: str) -> int:
-    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
 
 
 def _wants_cuda(device: str) -> bool:
