@@ -12,7 +12,7 @@ Devices: each instance takes as many consecutive GPUs as its tensor-parallel
 size (prefills first, then decodes, or the colocated replicas in order). When
 the layout needs more GPUs than there are, instances wrap around and share
 them (each then gets a share of their memory). On a machine without GPUs each
-instance gets a share of the cores, less one left to the client.
+instance gets a share of the cores.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class Deployment:
         """The environment of each instance (start order): its GPUs, or its share of the cores."""
         roles = self.roles
         gpus = _num_gpus()
-        if not gpus:  # the cores, less one for the client that times the run (oversubscribed OpenMP crawls)
-            threads = str(max(1, ((os.cpu_count() or 1) - 1) // len(roles)))
+        if not gpus:  # a share of the cores each: more threads than cores, and OpenMP crawls
+            threads = str(max(1, (os.cpu_count() or 1) // len(roles)))
             return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in roles]
         envs, next_gpu = [], 0
         for _, tp in roles:
