@@ -156,6 +156,10 @@ def start(config, device: torch.device, kv_cache_shm_path: str | None = None) ->
     init_method = f"tcp://127.0.0.1:{free_port()}"
     payload = json.dumps(asdict(config))
     env = {**os.environ}
+    if device.type == "cpu":  # the ranks share this process's cores: more threads than cores and OpenMP crawls
+        per_rank = max(1, torch.get_num_threads() // size)
+        torch.set_num_threads(per_rank)
+        env.update(OMP_NUM_THREADS=str(per_rank), MKL_NUM_THREADS=str(per_rank))
     workers = []
     for rank in range(1, size):
         argv = [sys.executable, "-m", "pdlab.engine.tp_worker", "--rank", str(rank), "--size", str(size),
