@@ -29,9 +29,14 @@ def _ints(text: str) -> list[int]:
 
 def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int], decode_batches: list[int],
                    decode_contexts: list[int], repeats: int, block_size: int = 16, seed: int = 0,
-                   quantization: str | None = None, tensor_parallel_size: int = 1) -> list[dict]:
+                   quantization: str | None = None, tensor_parallel_size: int = 1,
+                   num_threads: int | None = None) -> list[dict]:
+    """The profile rows (see the module docstring). `num_threads`: CPU threads to time with (set it to
+    what the served instance gets, e.g. `pdlab.cluster.deploy.cpu_threads`); None keeps torch's."""
     import torch
 
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
     from pdlab.engine.config import EngineConfig
     from pdlab.engine.engine import LLMEngine
     from pdlab.sampling_params import SamplingParams

@@ -28,6 +28,12 @@ from pdlab.cluster.launch import InstanceProcess, start_instance
 Mode = Literal["colocated", "disaggregated"]
 
 
+def cpu_threads(num_instances: int) -> int:
+    """Threads of each of `num_instances` instances on a machine without GPUs: a share of the cores
+    (more threads than cores, and OpenMP crawls)."""
+    return max(1, (os.cpu_count() or 1) // num_instances)
+
+
 def _num_gpus() -> int:
     try:
         import torch
@@ -73,8 +79,8 @@ class Deployment:
         """The environment of each instance (start order): its GPUs, or its share of the cores."""
         roles = self.roles
         gpus = _num_gpus()
-        if not gpus:  # a share of the cores each: more threads than cores, and OpenMP crawls
-            threads = str(max(1, (os.cpu_count() or 1) // len(roles)))
+        if not gpus:
+            threads = str(cpu_threads(len(roles)))
             return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in roles]
         envs, next_gpu = [], 0
         for _, tp in roles:
