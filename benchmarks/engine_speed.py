@@ -20,6 +20,7 @@ A variant is `bf16`, `wint8` or `wint4`, optionally `-eager` (no CUDA graphs) or
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -65,11 +66,16 @@ def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int = 20) -
     gen = torch.Generator().manual_seed(batch)
     for i in range(batch):
         prompt = torch.randint(100, 30000, (context,), generator=gen).tolist()
-        engine.add_request(prompt, SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True), f"d{batch}-{i}")
+        # The first prompts decode beside the later ones' prefill chunks: enough tokens to outlast them.
+        prefill_steps = -(-batch * context // engine.scheduler_config.max_num_batched_tokens)
+        engine.add_request(prompt, SamplingParams(max_tokens=steps + 8 + prefill_steps, temperature=0, ignore_eos=True),
+                           f"d{batch}-{i}")
     while any(r.num_output_tokens == 0 for r in engine.scheduler.requests.values()):
         engine.step()  # prefill everything first
     times = []
     for _ in range(steps):
+        if engine.scheduler.num_running != batch:
+            raise RuntimeError(f"batch {batch}: {engine.scheduler.num_running} requests decoding, not {batch}")
         torch.cuda.synchronize()
         t = time.perf_counter()
         engine.step()
@@ -158,6 +164,7 @@ def run_variant(args, variant: str, copy_Bps: float, peak_flops: float, batches:
         print(variant, json.dumps(row), flush=True)
     engine.close()
     del engine
+    gc.collect()  # the runner and its CUDA graphs hold each other: free them before the next engine sizes its cache
     torch.cuda.empty_cache()
     return result
 
@@ -180,17 +187,17 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     report = {"provenance": provenance(), "model": args.model, "tensor_parallel_size": args.tensor_parallel_size,
               "copy_GBps": copy_Bps / 1e9, "matmul_TFLOPs": peak_flops / 1e12, "variants": []}
-    for variant in args.variants.split(","):
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for variant in args.variants.split(","):  # the file is rewritten after each, so a cut-off run keeps its rows
         report["variants"].append(run_variant(args, variant, copy_Bps, peak_flops, batches))
-    base = {row["batch"]: row["step_ms"] for row in report["variants"][0]["decode"]}
-    for result in report["variants"][1:]:
-        for row in result["decode"]:
+        base = {row["batch"]: row["step_ms"] for row in report["variants"][0]["decode"]}
+        for row in report["variants"][-1]["decode"] if len(report["variants"]) > 1 else []:
             row["speedup_vs_" + report["variants"][0]["variant"]] = base[row["batch"]] / row["step_ms"]
+        args.out.write_text(json.dumps(report, indent=2))
     if args.hf:
         report["hf_generate_bs1"] = hf_generate_bs1(args.model, 512, 32)
         print(json.dumps(report["hf_generate_bs1"]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+        args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -6,6 +6,8 @@
 #   ../shared/hooks/device-wheels        # here, once: .whl/ with what the GPU image lacks
 #   device run (carry .whl):  bash benchmarks/gpu_session.sh            # one GPU
 #                             GPUS=2 bash benchmarks/gpu_session.sh     # two GPUs: adds TP=2 and the pair tests
+#   STAGES="tests kernels" (any of tests kernels engine profiles tp2), VARIANTS=bf16,wint4, HF= (no HF baseline)
+#   split it over calls that each fit the device tool's 10 minutes.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -28,16 +30,19 @@ run() {  # run NAME SECONDS COMMAND...: bounded, logged, never stops the session
   timeout "$secs" "$@" >>"$log" 2>&1
   echo "=== $name exit $?" >>"$log"
 }
+stage() { [[ " ${STAGES:-tests kernels engine profiles tp2} " == *" $1 "* ]]; }  # STAGES picks a subset
 marks="gpu"; [ "$GPUS" -ge 2 ] && marks="gpu or gpu2"
-run gpu-tests 420 python3 -m pytest -q -p no:cacheprovider -m "$marks" tests/engine tests/transfer tests/cluster/test_disaggregated_gpu.py
-run attention-kernels 240 python3 benchmarks/attention_kernels.py --out "$OUT/attention_kernels.json"
-run wint-matmul 240 python3 benchmarks/wint_matmul.py --out "$OUT/wint_matmul.json"
-run engine-speed 600 python3 benchmarks/engine_speed.py --model llama3-8b --variants bf16,bf16-eager,wint8,wint4 --hf \
-  --out "$OUT/engine_speed.json"
-run profile-bf16 300 python3 -m pdlab.profile --model llama3-8b --device cuda --out "$OUT/profile_llama3-8b_bf16_tp1.csv"
-run profile-wint4 300 python3 -m pdlab.profile --model llama3-8b --device cuda --quantization wint4 \
+stage tests && run gpu-tests 300 python3 -m pytest -q --tb=short -m "$marks" \
+  tests/engine tests/models tests/transfer tests/cluster/test_disaggregated_gpu.py
+stage kernels && run attention-kernels 150 python3 benchmarks/attention_kernels.py --out "$OUT/attention_kernels.json"
+stage kernels && run wint-matmul 150 python3 benchmarks/wint_matmul.py --out "$OUT/wint_matmul.json"
+stage engine && run engine-speed 600 python3 benchmarks/engine_speed.py --model llama3-8b \
+  --variants "${VARIANTS:-bf16,bf16-eager,wint8,wint4}" ${HF---hf} --out "$OUT/engine_speed.json"
+stage profiles && run profile-bf16 300 python3 -m pdlab.profile --model llama3-8b --device cuda \
+  --out "$OUT/profile_llama3-8b_bf16_tp1.csv"
+stage profiles && run profile-wint4 300 python3 -m pdlab.profile --model llama3-8b --device cuda --quantization wint4 \
   --out "$OUT/profile_llama3-8b_wint4_tp1.csv"
-if [ "$GPUS" -ge 2 ]; then
+if [ "$GPUS" -ge 2 ] && stage tp2; then
   run engine-speed-tp2 600 python3 benchmarks/engine_speed.py --model llama3-8b --variants bf16,wint4 \
     --tensor-parallel-size 2 --prefill 2048 --out "$OUT/engine_speed_tp2.json"
 fi

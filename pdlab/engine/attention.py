@@ -129,8 +129,13 @@ class AttentionContext:
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slot_mapping, v)
+        return self.attend(layer_idx, q)
+
+    def attend(self, layer_idx: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention of q [T, H, D] over the cache, the step's new K and V already stored. Returns [T, H, D]."""
         if self.on_kv_written is not None:
             self.on_kv_written(layer_idx)
+        k_cache, v_cache = self.kv_cache.layer(layer_idx)
         out = torch.empty_like(q)
         if self.backend == "triton":
             return self._attention_triton(q, k_cache, v_cache, out)

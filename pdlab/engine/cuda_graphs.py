@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pdlab.engine.attention import AttentionContext, copy_to_device
@@ -116,23 +117,25 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= n)
         B, W = self.max_batch, self.max_blocks
         pad = size - n
-        # One host buffer per dtype, copied into the static buffers (rows stay as captured).
+        # One host buffer per dtype, copied into the static buffers (rows stay as captured). Only the
+        # table's first `width` columns are written: a row's later entries are stale block ids (of this
+        # cache, so in range) that the kernels never read past the row's seq_len.
         ints64 = torch.tensor([*inputs.input_ids, *[0] * pad, *inputs.positions, *[0] * pad,
                                *inputs.slots, *[self.scratch_slot] * pad], dtype=torch.int64)
-        table: list[int] = []
-        for s in inputs.seqs:
-            table += s.block_ids
-            table += [0] * (W - len(s.block_ids))
-        ints32 = torch.tensor([*(s.seq_len for s in inputs.seqs), *[0] * pad, *table, *[0] * (pad * W)],
-                              dtype=torch.int32)
+        width = max(len(s.block_ids) for s in inputs.seqs)
+        host32 = np.zeros(size + size * width, dtype=np.int32)
+        host32[:n] = [s.seq_len for s in inputs.seqs]
+        table = host32[size:].reshape(size, width)
+        for row, s in zip(table, inputs.seqs):
+            row[: len(s.block_ids)] = s.block_ids
         ids, pos, slots = self.ints64.split([B, B, B])
         src64 = copy_to_device(ints64, self.device).split([size, size, size])
         for dst, src in zip((ids, pos, slots), src64):
             dst[:size].copy_(src)
         _, seq_lens, table_buf = self.ints32.split([B, B, B * W])
-        src32 = copy_to_device(ints32, self.device)
+        src32 = copy_to_device(torch.from_numpy(host32), self.device)
         seq_lens[:size].copy_(src32[:size])
-        table_buf[: size * W].copy_(src32[size:])
+        table_buf.view(B, W)[:size, :width].copy_(src32[size:].view(size, width))
         self.graphs[size].replay()
         self.num_replays += 1
         return self.outputs[size][:n]

@@ -130,6 +130,31 @@ class LLMEngine:
         self._seeds = random.Random(config.seed)
         self._next_id = 0
         self._logprobs: dict[str, list[dict[int, float]]] = {}
+        if self.device.type == "cuda":
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run the kinds of step serving runs (a full-budget prefill, a decode, a prefill chunk beside a
+        decode) on throwaway requests, then drop them: Triton compiles each kernel variant on its first
+        launch (seconds each), and the allocator grows its activation pool, before the first real request
+        rather than inside it. Leaves the scheduler, the free blocks and the request seeds as they were."""
+        start = time.perf_counter()
+        c = self.scheduler_config
+        vocab = self.model_config.vocab_size
+        lengths = [max(1, min(c.max_num_batched_tokens, c.max_model_len - 2)), max(1, min(37, c.max_model_len - 2))]
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)  # the first still decodes beside the second
+        ids = []
+        for i, n in enumerate(lengths):
+            rid = f"warm-up-{i}"
+            prompt = [(j * 7919 + i) % vocab for j in range(n)]
+            self.scheduler.add(self.make_request(prompt, params, rid, 0.0, seed=0))
+            ids.append(rid)
+            for _ in range(-(-n // c.max_num_batched_tokens) + 1):  # its prefill, then a step beside the next
+                self.step()
+        for rid in ids:
+            self.scheduler.abort(rid, self.clock())
+        self._logprobs.clear()
+        log.info("warm-up steps: %.2f s", time.perf_counter() - start)
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks, if any (idempotent)."""

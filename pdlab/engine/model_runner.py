@@ -117,11 +117,7 @@ class ModelRunner:
         for item in batch.items:
             request = item.request
             end = item.start + item.num_tokens
-            prompt_len = request.num_prompt_tokens
-            if end <= prompt_len:
-                tokens = request.prompt_token_ids[item.start:end]
-            else:
-                tokens = request.all_token_ids[item.start:end]
+            tokens = request.token_ids(item.start, end)
             inputs.seqs.append(SeqSlice(len(inputs.input_ids), item.num_tokens, end, request.block_ids[: -(-end // bs)]))
             inputs.input_ids.extend(tokens)
             for p in range(item.start, end):
@@ -156,9 +152,12 @@ class ModelRunner:
             if inputs.pushes:
                 ctx.on_kv_written = lambda layer: self.transfers.push_layer(layer, inputs.pushes)
             hidden = self.model(ids, pos, ctx)  # [T, hidden]
-        if not inputs.sample_rows:
+        rows = inputs.sample_rows
+        if not rows:
             return None
-        return self.model.compute_logits(hidden[inputs.sample_rows])  # [N, vocab]
+        if len(rows) < hidden.shape[0] or rows[-1] != len(rows) - 1:  # else every row, in order (decode)
+            hidden = hidden[rows]
+        return self.model.compute_logits(hidden)  # [N, vocab]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, push_plan: PushPlan | None = None) -> StepOutput:

@@ -5,7 +5,9 @@ one `gate_up_proj`) so that a decode step reads each layer in few, large
 matmuls; `load_weights` takes Hugging Face names and fills the right slice.
 Attention over the paged KV cache is delegated to `ctx.attention` (see
 pdlab/engine/attention.py), so a faster kernel slots in without touching this
-file.
+file. The functions here are the PyTorch reference; with the triton attention
+backend, RMSNorm, RoPE with the KV store, and SiLU-and-multiply each run as one
+kernel (pdlab/engine/kernels/fused.py) instead of a handful of PyTorch ones.
 
 The four linears of a layer (qkv_proj, o_proj, gate_up_proj, down_proj) go
 through `pdlab.models.quant.linear`, so each may be a plain Parameter or a
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,6 +47,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def fused_kernels(ctx: AttentionContext) -> ModuleType | None:
+    """pdlab/engine/kernels/fused.py when the step runs the triton backend (one launch for each of RMSNorm,
+    RoPE with the KV store, and SiLU-and-multiply); None for the PyTorch reference path here."""
+    if ctx.backend != "triton":
+        return None
+    from pdlab.engine.kernels import fused
+
+    return fused
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -106,21 +119,34 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         c = self.config
         T = x.shape[0]
-        h = rms_norm(x, self.input_layernorm, c.rms_norm_eps)  # [T, hidden]
+        fused = fused_kernels(ctx)
+        eps = c.rms_norm_eps
+        h = fused.rms_norm(x, self.input_layernorm, eps) if fused else rms_norm(x, self.input_layernorm, eps)
         qkv = linear(h, self.qkv_proj, self.qkv_bias)  # [T, q_size + 2 * kv_size]
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(T, c.num_heads, c.head_dim)
         k = k.view(T, c.num_kv_heads, c.head_dim)
         v = v.view(T, c.num_kv_heads, c.head_dim)
         if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, c.rms_norm_eps)
-            k = rms_norm(k, self.k_norm, c.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn = ctx.attention(self.layer_idx, q, k, v)  # [T, num_heads, head_dim]
-        x = x + self.reduce(linear(attn.reshape(T, c.q_size), self.o_proj))
-        h = rms_norm(x, self.post_attention_layernorm, c.rms_norm_eps)
-        gate, up = linear(h, self.gate_up_proj).chunk(2, dim=-1)
-        return x + self.reduce(linear(F.silu(gate) * up, self.down_proj))
+            q = rms_norm(q, self.q_norm, eps)
+            k = rms_norm(k, self.k_norm, eps)
+        if fused:  # rotate q and k and store k and v in one launch
+            k_cache, v_cache = ctx.kv_cache.layer(self.layer_idx)
+            q = fused.rope_and_store_kv(q, k, v, cos, sin, k_cache, v_cache, ctx.slot_mapping)
+            attn = ctx.attend(self.layer_idx, q)  # [T, num_heads, head_dim]
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            attn = ctx.attention(self.layer_idx, q, k, v)
+        delta = self.reduce(linear(attn.reshape(T, c.q_size), self.o_proj))
+        if fused:
+            h, x = fused.rms_norm(delta, self.post_attention_layernorm, eps, residual=x)
+            act = fused.silu_and_mul(linear(h, self.gate_up_proj))
+        else:
+            x = x + delta
+            h = rms_norm(x, self.post_attention_layernorm, eps)
+            gate, up = linear(h, self.gate_up_proj).chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return x + self.reduce(linear(act, self.down_proj))
 
     @torch.no_grad()
     def quantize_(self, method: QuantMethod) -> None:
@@ -201,7 +227,9 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)  # [T, hidden]
         for layer in self.layers:
             x = layer(x, cos, sin, ctx)
-        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+        fused = fused_kernels(ctx)
+        eps = self.config.rms_norm_eps
+        return fused.rms_norm(x, self.norm, eps) if fused else rms_norm(x, self.norm, eps)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.shard is None:

@@ -5,14 +5,18 @@ Two paths, picked by the number of rows M of x (`wint_linear`):
 - M < DEQUANT_MIN_M (decode, small prefill chunks): `wint_matmul`, one kernel
   that loads the packed int8/int4 tile and the group scales, converts the
   integers to x's dtype in registers (exact: |q| <= 127) and multiplies with
-  tl.dot into an fp32 accumulator; each K tile lies inside one group, so the
+  tl.dot into an fp32 accumulator, as out^T = W x^T: the weight tile is the
+  MMA's left operand, used from registers in its natural [N, K] layout, and
+  x's few rows the narrow right one (with W on the right, the converted tile
+  went through shared memory in the MMA's layout and the kernel ran at 15-40%
+  of the copy bandwidth on an H200); each K tile lies inside one group, so the
   group's scale multiplies the tile's partial product (one multiply per
   output, not per weight). A wint4 tile's low and high nibbles hold the two
   halves of a group (quant.py's layout), so each multiplies one contiguous
   slice of x: all loads are vectorized and asynchronously prefetched (cp.async
   in the sm_90 code Triton 3.9 emits). Small M is memory-bound: every packed
   byte is read once (all of M in one M tile up to 64 rows), the N tile is
-  narrow (32-64 columns) and K is split over `split_k` programs until there
+  64 rows of W (one warpgroup's MMA) and K is split over `split_k` programs until there
   are about two waves of programs on the card. Split-K partial sums go to an
   fp32 workspace [split_k, M, N] that a second small kernel sums in a fixed
   order, adding the bias and casting: deterministic (atomics are not), and one
@@ -73,7 +77,10 @@ def _wint_matmul_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    # Program (m, n, s) computes out[m tile, n tile] over K tiles [s * tiles_per_split, ...).
+    # Program (m, n, s) computes out[m tile, n tile] over K tiles [s * tiles_per_split, ...), as the
+    # transposed product W[n tile] @ x[m tile]^T: the weight is the MMA's left operand, straight from
+    # registers after the integer-to-float conversion in its natural [N, K] layout (no trip through shared
+    # memory), and the few rows of x are the narrow right operand.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -84,41 +91,41 @@ def _wint_matmul_kernel(
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, K // BLOCK_K)
     dt = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out^T's tile
     if BITS == 8:
         offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-        q_ptrs = qw_ptr + offs_n[None, :] * stride_qn + offs_k[:, None]  # [BK, BN]: W^T's tile
+        q_ptrs = qw_ptr + offs_n[:, None] * stride_qn + offs_k[None, :]  # [BN, BK]
+        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # [BK, BM]: x^T's tile
         for t in range(t0, t1):
             k0 = t * BLOCK_K
-            x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
-            q = tl.load(q_ptrs + k0, mask=mask_n[None, :], other=0)
+            q = tl.load(q_ptrs + k0, mask=mask_n[:, None], other=0)
+            x = tl.load(x_ptrs + k0, mask=mask_m[None, :], other=0.0)
             s = tl.load(scale_ptr + offs_n * stride_sn + k0 // GROUP, mask=mask_n, other=0.0)  # [BN] fp32
-            acc += tl.dot(x, q.to(dt)) * s[None, :]
+            acc += tl.dot(q.to(dt), x) * s[:, None]
     else:
         # A tile is BLOCK_K / 2 bytes of a group: their low nibbles are k = k_lo + j and their
         # high nibbles k = k_lo + GROUP / 2 + j (quant.py's layout), two contiguous slices of x.
         offs_j = tl.arange(0, BLOCK_K // 2)
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_j[None, :]  # [BM, BK / 2]
-        q_ptrs = qw_ptr + offs_n[None, :] * stride_qn + offs_j[:, None]  # [BK / 2, BN]
+        q_ptrs = qw_ptr + offs_n[:, None] * stride_qn + offs_j[None, :]  # [BN, BK / 2]
+        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_j[:, None]  # [BK / 2, BM]
         for t in range(t0, t1):
             j0 = t * (BLOCK_K // 2)  # first byte of the tile in its row
             k_lo = j0 + (j0 // (GROUP // 2)) * (GROUP // 2)  # = group * GROUP + the tile's offset in its group
-            x_lo = tl.load(x_ptrs + k_lo, mask=mask_m[:, None], other=0.0)
-            x_hi = tl.load(x_ptrs + k_lo + GROUP // 2, mask=mask_m[:, None], other=0.0)
-            b = tl.load(q_ptrs + j0, mask=mask_n[None, :], other=0).to(tl.int32)
+            b = tl.load(q_ptrs + j0, mask=mask_n[:, None], other=0).to(tl.int32)
+            x_lo = tl.load(x_ptrs + k_lo, mask=mask_m[None, :], other=0.0)
+            x_hi = tl.load(x_ptrs + k_lo + GROUP // 2, mask=mask_m[None, :], other=0.0)
             lo = ((b & 15) - 8).to(dt)
             hi = ((b >> 4) - 8).to(dt)
             s = tl.load(scale_ptr + offs_n * stride_sn + k_lo // GROUP, mask=mask_n, other=0.0)
-            acc += (tl.dot(x_lo, lo) + tl.dot(x_hi, hi)) * s[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
+            acc += (tl.dot(lo, x_lo) + tl.dot(hi, x_hi)) * s[:, None]
+    out_mask = mask_n[:, None] & mask_m[None, :]
     if SPLIT:
-        ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+        ptrs = out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
         tl.store(ptrs, acc, mask=out_mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -166,14 +173,15 @@ def _dequant_kernel(qw_ptr, scale_ptr, out_ptr, N, stride_qn, stride_sn, stride_
 def pick_config(m: int, n: int, k: int, bits: int, group: int, num_sms: int) -> TileConfig:
     """Tiles for a [m, k] x [k, n] product (first guesses; benchmarks/wint_matmul.py --sweep measures)."""
     block_k = min(group, 128)
+    # block_n is the MMA's M (64: a warpgroup's), block_m the narrow N side that holds x's rows.
     if m <= 16:
-        block_m, block_n, warps, stages = 16, 32, 4, 4
+        block_m, block_n, warps, stages = 16, 64, 4, 4
     elif m <= 32:
         block_m, block_n, warps, stages = 32, 64, 4, 4
     elif m <= 64:
         block_m, block_n, warps, stages = 64, 64, 4, 3
     else:
-        block_m, block_n, warps, stages, block_k = 64, 128, 4, 3, min(group, 64)
+        block_m, block_n, warps, stages, block_k = 64, 128, 8, 3, min(group, 64)
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     tiles = k // block_k
     weight_bytes = n * k * bits // 8
