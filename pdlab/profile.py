@@ -41,11 +41,19 @@ def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int
     from pdlab.engine.engine import LLMEngine
     from pdlab.sampling_params import SamplingParams
 
-    max_context = max([*prefill_tokens, *decode_contexts]) + repeats + 4
-    need_tokens = max(max(prefill_tokens) + 1, max(decode_batches) * (max(decode_contexts) + repeats + 4))
+    budget = max(max(prefill_tokens), max(decode_batches))  # max_num_batched_tokens
+
+    def decode_tokens(batch: int, context: int) -> int:
+        """Tokens a decode-row request gets: its timed steps, plus one per step of the others' prefill
+        (the first prompts decode beside the later ones' chunks; they must still run when timing starts)."""
+        return repeats + 3 + -(-batch * context // budget)
+
+    max_context = max([*prefill_tokens, *(c + decode_tokens(max(decode_batches), c) for c in decode_contexts)]) + 1
+    need_blocks = max(-(-(max(prefill_tokens) + 1) // block_size),
+                      *(b * -(-(c + decode_tokens(b, c)) // block_size) for b in decode_batches for c in decode_contexts))
     engine = LLMEngine(EngineConfig(
-        model=model, device=device, dtype=dtype, block_size=block_size, num_blocks=-(-need_tokens // block_size) + 8,
-        max_num_seqs=max(decode_batches), max_num_batched_tokens=max(max(prefill_tokens), max(decode_batches)),
+        model=model, device=device, dtype=dtype, block_size=block_size, num_blocks=need_blocks + 8,
+        max_num_seqs=max(decode_batches), max_num_batched_tokens=budget,
         max_model_len=max_context + 1, seed=seed, quantization=quantization, tensor_parallel_size=tensor_parallel_size))
     vocab = engine.model_config.vocab_size
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
@@ -76,15 +84,23 @@ def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int
                      "step_ms": statistics.median(times[1:]) * 1e3})
     for context in decode_contexts:
         for batch in decode_batches:
-            for i in range(batch):
-                engine.add_request(prompt(context, i), SamplingParams(max_tokens=repeats + 2, ignore_eos=True))
+            ids = [f"profile-{context}-{batch}-{i}" for i in range(batch)]
+            for i, rid in enumerate(ids):
+                engine.add_request(prompt(context, i), SamplingParams(max_tokens=decode_tokens(batch, context), ignore_eos=True),
+                                   rid)
             while any(r.phase == "prefill" for r in engine.scheduler.requests.values()):
                 engine.step()  # the prompts, untimed
-            times = [timed_step() for _ in range(repeats + 1)]
+            times = []
+            for _ in range(repeats + 1):
+                running = [r for r in engine.scheduler.requests.values() if not r.is_finished]
+                if len(running) != batch or engine.scheduler.num_running != batch:
+                    raise RuntimeError(f"decode profile at batch {batch}, context {context}: {len(running)} "
+                                       f"requests would decode, not {batch} (too few KV blocks or steps?)")
+                times.append(timed_step())
             rows.append({"phase": "decode", "num_seqs": batch, "num_tokens": batch, "context_tokens": context,
                          "step_ms": statistics.median(times[1:]) * 1e3})
-            while engine.has_unfinished():
-                engine.step()
+            for rid in ids:
+                engine.abort(rid)
     engine.close()
     return rows
 

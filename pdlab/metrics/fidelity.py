@@ -34,6 +34,27 @@ def fidelity_table(pairs: dict[str, tuple[Sequence[RequestRecord], Sequence[Requ
     return pd.DataFrame(rows)
 
 
+def replay_pairs(result) -> dict[str, tuple[list[RequestRecord], list[RequestRecord]]]:
+    """(real, sim) record pairs for every real run of `result` (e.g. a GPU run under data/results/): the twin
+    recorded beside it when the run said `backend: both`, else the run's request list replayed in the
+    simulator now, with the run's settings (its profile table, when it names one), at the same rate."""
+    from pdlab.run import run_sim
+
+    pairs = pairs_from_result(result)
+    exp = result.experiment
+    for run in result.runs.values():
+        label = run.run.name if run.rate_rps is None else f"{run.run.name}@{run.rate_rps:g}"
+        if run.backend != "real" or label in pairs:
+            continue
+        sim = run_sim(exp if run.rate_rps is None else exp.at_rate(run.rate_rps), run.run, progress=False).records
+        real_requests = sorted((r.request_id, round(r.arrival_s, 6), r.num_prompt_tokens) for r in run.records)
+        sim_requests = sorted((r.request_id, round(r.arrival_s, 6), r.num_prompt_tokens) for r in sim)
+        if real_requests != sim_requests:
+            raise ValueError(f"{label}: the simulator's request list differs from the recorded one")
+        pairs[label] = (run.records, sim)
+    return pairs
+
+
 def pairs_from_result(result) -> dict[str, tuple[list[RequestRecord], list[RequestRecord]]]:
     """The (real, sim) record pairs of an `ExperimentResult` whose runs have `backend: both`."""
     pairs = {}

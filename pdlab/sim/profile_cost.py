@@ -6,8 +6,12 @@ A batch is costed as:
 - prefill only: piecewise-linear in the step's batched tokens;
 - decode only: piecewise-linear in the number of sequences at each profiled
   context, then linear between the two nearest contexts (by mean context);
-- mixed (chunked prefill): the larger of the two, with the decode tokens
-  counted among the prefill's batched tokens (a step is one forward pass).
+- mixed (chunked prefill): one forward pass over all its tokens (the prefill
+  rows at the step's batched tokens, decode tokens counted in) plus the
+  decodes' attention over their contexts: their decode time at their mean
+  context minus that at the shortest profiled one; never less than the
+  decodes alone. (The larger of the two phases, an earlier rule, assumed
+  they overlap inside one pass; they do not.)
 Beyond the table's ends both axes extrapolate linearly from the last two points
 (never below the smallest measured time).
 
@@ -86,4 +90,11 @@ class ProfileCost:
         if num_decode == len(batch.items):
             return self.decode_s(num_decode, context / num_decode)
         prefill_s = self.prefill_s(num_tokens)
-        return prefill_s if num_decode == 0 else max(prefill_s, self.decode_s(num_decode, context / num_decode))
+        if num_decode == 0:
+            return prefill_s
+        # One forward pass over all the step's tokens (the prefill rows, decode tokens counted in), plus what
+        # the decodes' attention over their contexts adds: their decode time beyond the shortest profiled context.
+        # Never less than the decodes alone.
+        decode_s = self.decode_s(num_decode, context / num_decode)
+        attention_s = max(0.0, decode_s - self.decode_s(num_decode, self.decode[0][0]))
+        return max(prefill_s + attention_s, decode_s)

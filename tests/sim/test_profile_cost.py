@@ -36,6 +36,16 @@ def test_interpolates_and_extrapolates():
     assert mixed == pytest.approx(max(0.0151, 0.005))
 
 
+def test_a_mixed_step_adds_the_decodes_attention_over_their_context_to_one_pass_over_all_tokens():
+    cost = ProfileCost.from_rows(ROWS)
+    # A 100-token chunk beside 9 decodes at context 300: one pass over 109 tokens (10.9 ms) plus what
+    # context 300 adds to 9 decodes over the shortest profiled context (10 - 7 ms).
+    assert cost.step_time_s(batch((0, 100), *[(299, 1)] * 9)) == pytest.approx(0.0109 + 0.003)
+    # Never less than the decodes alone: 9 decodes at context 300 next to a 1-token chunk.
+    tiny = ProfileCost.from_rows([{**r, "step_ms": 1} if r["phase"] == "prefill" else r for r in ROWS])
+    assert tiny.step_time_s(batch((0, 2), *[(299, 1)] * 9)) == pytest.approx(0.010)
+
+
 def test_profile_cli_table_drives_the_simulator(tmp_path):
     from pdlab.profile import main
 
@@ -47,3 +57,25 @@ def test_profile_cli_table_drives_the_simulator(tmp_path):
     layout = Layout(InstanceSpec(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128), 64))
     records = simulate([RequestSpec(f"r{i}", 0.0, (100,) * 20, 8) for i in range(4)], layout, cost)
     assert all(r.ok and r.ttft_s > 0 for r in records)
+
+
+def test_decode_rows_time_the_whole_batch_even_when_its_prefill_takes_many_steps(monkeypatch):
+    # 8 prompts of 96 tokens at 32 batched tokens a step: the first prompts decode for ~24 steps beside the
+    # others' chunks before timing starts. Every timed step must still decode all 8.
+    from pdlab.engine.engine import LLMEngine
+    from pdlab.profile import profile_engine
+
+    seen = []
+    real_step = LLMEngine.step
+
+    def step(self, push_plan=None):
+        out = real_step(self, push_plan)
+        seen.append(sum(1 for o in out if len(o.token_ids) > 1))  # decodes of this step
+        return out
+
+    monkeypatch.setattr(LLMEngine, "step", step)
+    rows = profile_engine("tiny", "cpu", "float32", prefill_tokens=[32], decode_batches=[8], decode_contexts=[96],
+                          repeats=3)
+    decode = [r for r in rows if r["phase"] == "decode"]
+    assert len(decode) == 1 and decode[0]["num_seqs"] == 8
+    assert seen[-4:] == [8, 8, 8, 8]  # the timed steps (one untimed + three timed), all eight decoding
