@@ -112,8 +112,8 @@ def linears(methods: list[str], ms: list[int]) -> list[dict]:
                 type(w)(w.method, w.qweight.clone(), w.scales.clone(), w.shape, w.dtype) for _ in range(copies)]
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                fn = (lambda x=x: [F.linear(x, c) for c in ws]) if method == "bf16" else (
-                    lambda x=x: [wm.wint_linear(x, c) for c in ws])
+                fn = (lambda x=x, ws=ws: [F.linear(x, c) for c in ws]) if method == "bf16" else (
+                    lambda x=x, ws=ws: [wm.wint_linear(x, c) for c in ws])
                 fn()
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()

@@ -49,8 +49,8 @@ def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int
         return repeats + 3 + -(-batch * context // budget)
 
     max_context = max([*prefill_tokens, *(c + decode_tokens(max(decode_batches), c) for c in decode_contexts)]) + 1
-    need_blocks = max(-(-(max(prefill_tokens) + 1) // block_size),
-                      *(b * -(-(c + decode_tokens(b, c)) // block_size) for b in decode_batches for c in decode_contexts))
+    need_blocks = max(-(-(max(prefill_tokens) + 1) // block_size), *(
+        b * -(-(c + decode_tokens(b, c)) // block_size) for b in decode_batches for c in decode_contexts))
     engine = LLMEngine(EngineConfig(
         model=model, device=device, dtype=dtype, block_size=block_size, num_blocks=need_blocks + 8,
         max_num_seqs=max(decode_batches), max_num_batched_tokens=budget,
@@ -86,8 +86,8 @@ def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int
         for batch in decode_batches:
             ids = [f"profile-{context}-{batch}-{i}" for i in range(batch)]
             for i, rid in enumerate(ids):
-                engine.add_request(prompt(context, i), SamplingParams(max_tokens=decode_tokens(batch, context), ignore_eos=True),
-                                   rid)
+                params = SamplingParams(max_tokens=decode_tokens(batch, context), ignore_eos=True)
+                engine.add_request(prompt(context, i), params, rid)
             while any(r.phase == "prefill" for r in engine.scheduler.requests.values()):
                 engine.step()  # the prompts, untimed
             times = []

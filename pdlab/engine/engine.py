@@ -142,7 +142,7 @@ class LLMEngine:
         c = self.scheduler_config
         vocab = self.model_config.vocab_size
         lengths = [max(1, min(c.max_num_batched_tokens, c.max_model_len - 2)), max(1, min(37, c.max_model_len - 2))]
-        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)  # the first still decodes beside the second
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)  # the first decodes beside the second
         ids = []
         for i, n in enumerate(lengths):
             rid = f"warm-up-{i}"

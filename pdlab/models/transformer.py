@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdlab.models.config import ModelConfig, RopeScaling
-from pdlab.models.quant import QuantMethod, QuantizedWeight, linear, quantize
+from pdlab.models.quant import QuantizedWeight, QuantMethod, linear, quantize
 from pdlab.models.sharding import Shard
 
 if TYPE_CHECKING:

@@ -11,16 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton", reason="the fused kernels are written in Triton")
+from tests.engine.triton_env import DEVICE, DTYPES  # first: skips this module without a GPU or the interpreter
 
-from pdlab.engine.kernels import fused, triton_interpreted  # noqa: E402
-from pdlab.models.transformer import apply_rope, rms_norm  # noqa: E402
-
-ON_GPU = torch.cuda.is_available() and not triton_interpreted()
-if not ON_GPU and not triton_interpreted():
-    pytest.skip("no CUDA GPU, and TRITON_INTERPRET=1 was not set before triton was imported", allow_module_level=True)
-DEVICE = "cuda" if ON_GPU else "cpu"
-DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float16, torch.float32]
+# isort: split
+from pdlab.engine.kernels import fused
+from pdlab.models.transformer import apply_rope, rms_norm
 
 
 def close(out, ref):

@@ -11,17 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the wint kernels are written in Triton")
+from tests.engine.triton_env import DEVICE, DTYPES, ON_GPU  # first: skips this module without a GPU or the interpreter
 
-from pdlab.engine.kernels import triton_interpreted  # noqa: E402
-from pdlab.engine.kernels import wint_matmul as wm  # noqa: E402
-from pdlab.models.quant import METHODS, QuantMethod, quantize  # noqa: E402
+# isort: split
+from pdlab.engine.kernels import wint_matmul as wm
+from pdlab.models.quant import METHODS, QuantMethod, quantize
 
-ON_GPU = torch.cuda.is_available() and not triton_interpreted()
-if not ON_GPU and not triton_interpreted():
-    pytest.skip("no CUDA GPU, and TRITON_INTERPRET=1 was not set before triton was imported", allow_module_level=True)
-DEVICE = "cuda" if ON_GPU else "cpu"
-DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float16, torch.float32]
 # Relative tolerance: the output's rounding (fp32 accumulation in both).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 METHOD_IDS = ["wint8", "wint4"]
