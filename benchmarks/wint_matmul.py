@@ -15,6 +15,10 @@ of the fused kernel per shape and M and reports the best against
 `pick_config`'s choice (each M of --m below DEQUANT_MIN_M; 40 configurations
 each, some minutes).
 Every result is checked against the reference first.
+
+These are eager launches: below ~50 us a kernel's time here is the host's launch cost (on an H200 the
+wint kernels showed 60-150 us that graph replay puts at 12-70 us). benchmarks/decode_breakdown.py times
+the same linears replayed in CUDA graphs, as decode steps run them, over weight copies larger than L2.
 """
 
 from __future__ import annotations
