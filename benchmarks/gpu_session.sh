@@ -6,8 +6,8 @@
 #   ../shared/hooks/device-wheels        # here, once: .whl/ with what the GPU image lacks
 #   device run (carry .whl):  bash benchmarks/gpu_session.sh            # one GPU
 #                             GPUS=2 bash benchmarks/gpu_session.sh     # two GPUs: adds TP=2 and the pair tests
-#   STAGES="tests kernels" (any of tests kernels engine profiles tp2), VARIANTS=bf16,wint4, HF= (no HF baseline)
-#   split it over calls that each fit the device tool's 10 minutes.
+#   STAGES="tests kernels" (any of tests kernels engine profiles experiment tp2), VARIANTS=bf16,wint4,
+#   HF= (no HF baseline): split it over calls that each fit the device tool's 10 minutes.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -30,18 +30,32 @@ run() {  # run NAME SECONDS COMMAND...: bounded, logged, never stops the session
   timeout "$secs" "$@" >>"$log" 2>&1
   echo "=== $name exit $?" >>"$log"
 }
-stage() { [[ " ${STAGES:-tests kernels engine profiles tp2} " == *" $1 "* ]]; }  # STAGES picks a subset
+stage() { [[ " ${STAGES:-tests kernels engine profiles experiment tp2} " == *" $1 "* ]]; }  # STAGES picks a subset
+# Seconds each stage took on an H200 (2026-12-01): tests ~110, kernels ~150, engine ~200 (+ ~60 with the HF
+# baseline), profiles ~100 each, experiment ~75 for one GPU. Keep a device call under its 10 minutes.
 marks="gpu"; [ "$GPUS" -ge 2 ] && marks="gpu or gpu2"
+kernel_tests="tests/engine/test_fused_kernels.py tests/engine/test_wint_matmul.py tests/engine/test_paged_attention.py \
+  tests/engine/test_cuda_graphs.py"  # these run on the GPU when there is one, whatever their marks
+stage tests && run kernel-tests 200 python3 -m pytest -q --tb=short $kernel_tests
 stage tests && run gpu-tests 300 python3 -m pytest -q --tb=short -m "$marks" \
-  tests/engine tests/models tests/transfer tests/cluster/test_disaggregated_gpu.py
+  tests/models tests/transfer tests/engine/test_quantized_engine.py tests/engine/test_tensor_parallel_gpu.py \
+  tests/cluster/test_disaggregated_gpu.py
 stage kernels && run attention-kernels 150 python3 benchmarks/attention_kernels.py --out "$OUT/attention_kernels.json"
-stage kernels && run wint-matmul 150 python3 benchmarks/wint_matmul.py --out "$OUT/wint_matmul.json"
+stage kernels && run decode-breakdown 300 python3 benchmarks/decode_breakdown.py --sweep-m "${SWEEP_M:-1,64}" \
+  --out "$OUT/decode_breakdown.json"
 stage engine && run engine-speed 600 python3 benchmarks/engine_speed.py --model llama3-8b \
   --variants "${VARIANTS:-bf16,bf16-eager,wint8,wint4}" ${HF---hf} --out "$OUT/engine_speed.json"
-stage profiles && run profile-bf16 300 python3 -m pdlab.profile --model llama3-8b --device cuda \
-  --out "$OUT/profile_llama3-8b_bf16_tp1.csv"
-stage profiles && run profile-wint4 300 python3 -m pdlab.profile --model llama3-8b --device cuda --quantization wint4 \
-  --out "$OUT/profile_llama3-8b_wint4_tp1.csv"
+# The grid experiments/h200_single_conversation.yaml's replay needs (save as data/profiles/llama3-8b_<q>_tp1_<card>.csv).
+grid="--prefill-tokens 16,64,256,512,1024,2048,4096,8192 --decode-batches 1,4,16,32,64,128 --decode-contexts 128,512,1024,2048,4096"
+stage profiles && run profile-bf16 300 python3 -m pdlab.profile --model llama3-8b --device cuda --dtype bfloat16 $grid \
+  --out "$OUT/llama3-8b_bf16_tp1.csv"
+stage profiles && run profile-wint4 300 python3 -m pdlab.profile --model llama3-8b --device cuda --dtype bfloat16 $grid \
+  --quantization wint4 --out "$OUT/llama3-8b_wint4_tp1.csv"
+if stage experiment; then  # one served run; its results folder comes back as one archive
+  exp=experiments/h200_single_conversation.yaml; [ "$GPUS" -ge 2 ] && exp=experiments/h100_pair_conversation.yaml
+  run experiment 500 python3 -m pdlab.run "$exp" --output-dir /tmp/pdlab-results --no-progress
+  tar czf "$OUT/results.tgz" -C /tmp/pdlab-results . 2>>"$log"
+fi
 if [ "$GPUS" -ge 2 ] && stage tp2; then
   run engine-speed-tp2 600 python3 benchmarks/engine_speed.py --model llama3-8b --variants bf16,wint4 \
     --tensor-parallel-size 2 --prefill 2048 --out "$OUT/engine_speed_tp2.json"
