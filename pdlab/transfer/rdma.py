@@ -1,6 +1,7 @@
 """`rdma` between machines: one-sided RDMA WRITEs into the decode instance's KV cache (pyverbs).
 
-FastDeploy's kvcache_transfer, in Python (the start-up check and the set-up messages: rdma_setup.py):
+FastDeploy's kvcache_transfer, in Python (the start-up check and the set-up messages: rdma_setup.py; the NIC,
+its memory registrations and queue pairs: rdma_verbs.py):
 - The decode instance (`RdmaReceiver`) opens its NIC (`KVCACHE_RDMA_NICS`, the
   one at `gpu_index % len(nics)`), registers its KV cache with LOCAL_WRITE |
   REMOTE_WRITE and listens on its rdma comm port (`--rdma-comm-ports`, one per
@@ -37,10 +38,7 @@ FastDeploy's kvcache_transfer, in Python (the start-up check and the set-up mess
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import os
-import random
 import selectors
 import socket
 import threading
@@ -53,138 +51,28 @@ from pdlab.cluster.messages import KVDescriptor
 from pdlab.engine.kv_cache import KVCache
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError, gather_blocks
 from pdlab.transfer.rdma_setup import (
-    IB_PORT,
-    QpEndpoint,
     RdmaHello,
     RdmaRefused,
     RdmaWelcome,
     check_rdma,  # noqa: F401  (instances import the start-up check from here too)
-    keep_root_logging,
     rdma_status,  # noqa: F401
     recv_setup,
-    select_nic,
     send_setup,
 )
+from pdlab.transfer.rdma_verbs import Nic, PyverbsError, device_index, require_pyverbs
 
 log = logging.getLogger("pdlab.transfer.rdma")
 
 
-try:  # optional: pyverbs ships with the host's rdma-core; `rdma_status` explains its absence
-    with keep_root_logging():
-        import pyverbs.enums as e
-        from pyverbs.addr import GID, AHAttr, GlobalRoute
-        from pyverbs.cq import CQ, cqe_status_to_str
-        from pyverbs.device import Context
-        from pyverbs.mr import MR
-        from pyverbs.pd import PD
-        from pyverbs.pyverbs_error import PyverbsError
-        from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
-        from pyverbs.wr import SGE, SendWR
-except ImportError:
-    PyverbsError = ()  # nothing to catch
+if isinstance(PyverbsError, type):  # pyverbs imported (optional: rdma_verbs.py says what happens without it)
+    from pdlab.transfer.rdma_verbs import CQ, MR, QP, SGE, SendWR, cqe_status_to_str, e
 
-ENV_GID_INDEX = "KVCACHE_RDMA_GID_INDEX"  # RoCE only; FastDeploy's default is 3 (RoCEv2, IPv4 on mlx5)
 SQ_DEPTH = 4096  # send-queue slots (capped by the device); a post waits for room rather than overflow it
 MAX_CHAIN = 512  # WRs per ibv_post_send
 STAGING_BYTES = 256 << 20  # a sender's pinned staging ring, when its GPU cache cannot be registered
 MAX_WRITE_BYTES = 1 << 30  # one WRITE moves at most this much (and at most the port's max_msg_sz)
 SETUP_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 30.0
-
-
-# --- verbs plumbing ------------------------------------------------------------------------
-
-
-def _gid_index() -> int:
-    text = os.environ.get(ENV_GID_INDEX, "3")
-    if not text.isdigit():
-        raise TransferError(f"{ENV_GID_INDEX}={text!r} is not a GID table index")
-    return int(text)
-
-
-class _Nic:
-    """An opened RDMA device with its protection domain."""
-
-    def __init__(self, nics: str | None, gpu_index: int) -> None:
-        self.name = select_nic(nics, gpu_index)
-        try:
-            self.ctx = Context(name=self.name)
-        except PyverbsError as err:
-            raise TransferError(f"cannot open RDMA device {self.name}: {err}") from None
-        try:
-            self.pd = PD(self.ctx)
-            self.port = self.ctx.query_port(IB_PORT)
-            self.device = self.ctx.query_device()
-            self.roce = self.port.link_layer == e.IBV_LINK_LAYER_ETHERNET
-            self.gid_index = _gid_index() if self.roce else 0  # InfiniBand routes by LID
-            self.gid = str(self.ctx.query_gid(IB_PORT, self.gid_index))
-            if self.roce and set(self.gid) <= {"0", ":"}:
-                raise TransferError(f"GID {self.gid_index} of port {IB_PORT} is empty (RoCE needs one; "
-                                    f"set {ENV_GID_INDEX}, see `show_gids`)")
-        except (PyverbsError, TransferError) as err:
-            self.ctx.close()
-            raise TransferError(f"RDMA device {self.name}: {err}") from None
-
-    def register(self, tensor: torch.Tensor, access: int) -> MR:
-        num_bytes = tensor.numel() * tensor.element_size()
-        try:
-            return MR(self.pd, num_bytes, access, address=tensor.data_ptr())  # registers; allocates nothing
-        except PyverbsError as err:
-            pinning_refused = getattr(err, "error_code", 0) == errno.ENOMEM
-            hint = " (the locked-memory limit? `ulimit -l unlimited`)" if pinning_refused else ""
-            raise TransferError(f"cannot register {num_bytes} bytes of {tensor.device} memory with {self.name}: "
-                                f"{err}{hint}") from None
-
-    def register_cache(self, kv: torch.Tensor, access: int, gpudirect: bool) -> MR | None:
-        """The KV cache's own registration; None for CUDA memory without GPUDirect RDMA (stage it)."""
-        if not kv.is_cuda:
-            return self.register(kv, access)
-        if not gpudirect:
-            return None
-        try:
-            return self.register(kv, access)
-        except TransferError as err:
-            log.info("%s; staging KV through pinned host memory", err)
-            return None
-
-    def create_qp(self, cq: CQ, max_send_wr: int, access: int) -> tuple[QP, int]:
-        """An RC QP in INIT, whose send WRs signal only when asked; and a random start PSN."""
-        cap = QPCap(max_send_wr=max_send_wr, max_recv_wr=1, max_send_sge=1, max_recv_sge=1)
-        init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=cq, rcq=cq, cap=cap, sq_sig_all=0)
-        attr = QPAttr(port_num=IB_PORT)
-        attr.qp_access_flags = access
-        return QP(self.pd, init, attr), random.getrandbits(24)  # QP(pd, init, attr) moves an RC QP to INIT
-
-    def endpoint(self, qp: QP, psn: int) -> QpEndpoint:
-        return QpEndpoint(qp.qp_num, psn, self.gid, self.port.lid, self.port.active_mtu)
-
-    def connect(self, qp: QP, me: QpEndpoint, peer: QpEndpoint) -> None:
-        """INIT -> RTR -> RTS towards `peer` (the attributes of ibv_rc_pingpong and rdma-core's tests)."""
-        attr = QPAttr(port_num=IB_PORT, path_mtu=min(me.mtu, peer.mtu))
-        attr.dest_qp_num, attr.rq_psn, attr.sq_psn = peer.qp_num, peer.psn, me.psn
-        attr.max_dest_rd_atomic = attr.max_rd_atomic = 1
-        attr.min_rnr_timer, attr.timeout, attr.retry_cnt, attr.rnr_retry = 12, 14, 7, 7
-        if self.roce:  # RoCE addresses by GID, through a global route header
-            gr = GlobalRoute(dgid=GID(peer.gid), sgid_index=self.gid_index, hop_limit=255)  # routed RoCEv2
-            attr.ah_attr = AHAttr(port_num=IB_PORT, is_global=1, gr=gr)
-        else:
-            attr.ah_attr = AHAttr(port_num=IB_PORT, dlid=peer.lid)
-        qp.to_rts(attr)  # pyverbs: to_rtr (RTR mask) then RTS (RTS mask), from the same QPAttr
-
-    def close(self) -> None:
-        self.ctx.close()  # closes the PD, MRs, CQs and QPs opened on it
-
-
-def _device_index(tensor: torch.Tensor, gpu_index: int | None) -> int:
-    if gpu_index is not None:
-        return gpu_index
-    return (tensor.device.index or 0) if tensor.is_cuda else 0
-
-
-def _require_pyverbs(nics: str | None, gpu_index: int) -> None:
-    if not isinstance(PyverbsError, type):
-        select_nic(nics, gpu_index)  # raises, saying why
-        raise TransferError("pyverbs did not import when pdlab.transfer.rdma was first imported")
 
 
 # --- decode side ---------------------------------------------------------------------------
@@ -204,9 +92,9 @@ class RdmaReceiver(KVReceiver):
     def __init__(self, local: KVCache, nics: str | None = None, port: int = 0, host: str = "127.0.0.1",
                  advertise_host: str | None = None, gpu_index: int | None = None, gpudirect: bool = True) -> None:
         super().__init__(local)
-        gpu_index = _device_index(local.kv, gpu_index)
-        _require_pyverbs(nics, gpu_index)
-        self.nic = _Nic(nics, gpu_index)
+        gpu_index = device_index(local.kv, gpu_index)
+        require_pyverbs(nics, gpu_index)
+        self.nic = Nic(nics, gpu_index)
         kv = local.kv
         # REMOTE_READ serves only the sender's flush read (GPU memory).
         access = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ
@@ -330,9 +218,9 @@ class RdmaSender(KVSender):
         self.address = (host.strip("[]"), int(port))
         kv = local.kv  # [L, 2, N, bs, H, D]
         self.block_bytes = kv[0, 0, 0].numel() * kv.element_size()
-        gpu_index = _device_index(kv, gpu_index)
-        _require_pyverbs(nics, gpu_index)
-        self.nic = _Nic(nics, gpu_index)
+        gpu_index = device_index(kv, gpu_index)
+        require_pyverbs(nics, gpu_index)
+        self.nic = Nic(nics, gpu_index)
         self.qp = self.cq = self.setup = None
         self.inflight: deque[tuple[int, int]] = deque()  # (wr_id of a signalled WR, WRs it retires), in post order
         self.num_outstanding = 0  # WRs posted and not yet known complete
