@@ -43,7 +43,7 @@ def replay_pairs(result) -> dict[str, tuple[list[RequestRecord], list[RequestRec
     pairs = pairs_from_result(result)
     exp = result.experiment
     for run in result.runs.values():
-        label = run.run.name if run.rate_rps is None else f"{run.run.name}@{run.rate_rps:g}"
+        label = _label(run)
         if run.backend != "real" or label in pairs:
             continue
         sim = run_sim(exp if run.rate_rps is None else exp.at_rate(run.rate_rps), run.run, progress=False).records
@@ -63,6 +63,10 @@ def pairs_from_result(result) -> dict[str, tuple[list[RequestRecord], list[Reque
             continue
         twin = next(r for r in result.runs.values()
                     if r.run.name == run.run.name and r.backend == "sim" and r.rate_rps == run.rate_rps)
-        label = run.run.name if run.rate_rps is None else f"{run.run.name}@{run.rate_rps:g}"
-        pairs[label] = (run.records, twin.records)
+        pairs[_label(run)] = (run.records, twin.records)
     return pairs
+
+
+def _label(run) -> str:
+    """A real run's label in the error table: its name, and its rate in a sweep."""
+    return run.run.name if run.rate_rps is None else f"{run.run.name}@{run.rate_rps:g}"
