@@ -8,8 +8,8 @@ import pytest
 
 from pdlab.experiment import parse_experiment
 from pdlab.metrics.fidelity import fidelity_table, replay_pairs
-from pdlab.run import ExperimentResult, run_experiment
 from pdlab.metrics.records import RequestRecord
+from pdlab.run import ExperimentResult, run_experiment
 
 
 def records(scale: float) -> list[RequestRecord]:
