@@ -13,15 +13,23 @@ CPUs) and a gloo group for the small per-step metadata, which the ranks need
 on the host (vLLM does the same). Rank r uses `cuda:r` of the devices the
 process sees (`CUDA_VISIBLE_DEVICES`). A worker dies with its rank 0
 (PR_SET_PDEATHSIG), and rank 0 ends the group on `close`.
+
+The ranks are on one machine and nothing of theirs listens beyond it: they
+meet through a file store in a private directory (a `tcp://` store listens on
+every interface, whatever address it is given), and gloo and NCCL keep their
+sockets on the loopback interface (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
+default to `lo` on Linux; set them to override).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
@@ -43,6 +51,7 @@ class TensorParallel:
     device: torch.device
     cpu_group: object = None  # gloo group for host-side metadata
     workers: list[subprocess.Popen] = field(default_factory=list)  # rank 0 only
+    store_dir: str | None = None  # rank 0: the directory of the group's file store
 
     @property
     def is_driver(self) -> bool:
@@ -121,6 +130,9 @@ class TensorParallel:
             self.workers = []
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+            self.store_dir = None
 
 
 def tp_device(device: torch.device, rank: int) -> torch.device:
@@ -147,14 +159,16 @@ def start(config, device: torch.device, kv_cache_shm_path: str | None = None) ->
     """Rank 0: start ranks 1..size-1 as `python -m pdlab.engine.tp_worker` processes and join them.
 
     `kv_cache_shm_path`: rank 0's shared-memory KV cache file; rank r's is `{path}-rank{r}`."""
-    from pdlab.cluster.launch import free_port
-
     size = config.tensor_parallel_size
     if device.type == "cuda" and torch.cuda.device_count() < size:
         raise ConfigError(f"--tensor-parallel-size {size} needs {size} GPUs; {torch.cuda.device_count()} visible "
                           "(CUDA_VISIBLE_DEVICES)")
-    init_method = f"tcp://127.0.0.1:{free_port()}"
+    store_dir = tempfile.mkdtemp(prefix="pdlab-tp-")  # mode 0700: only this user's processes can join
+    init_method = f"file://{store_dir}/store"
     payload = json.dumps(asdict(config))
+    if sys.platform.startswith("linux"):
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(name, "lo")
     env = {**os.environ}
     if device.type == "cpu":  # the ranks share this process's cores: more threads than cores and OpenMP crawls
         per_rank = max(1, torch.get_num_threads() // size)
@@ -176,8 +190,9 @@ def start(config, device: torch.device, kv_cache_shm_path: str | None = None) ->
     except Exception as e:
         for proc in workers:
             proc.kill()
+        shutil.rmtree(store_dir, ignore_errors=True)
         raise ConfigError(f"tensor parallelism: the {size} ranks could not form a group: {e}") from None
-    tp.workers = workers
+    tp.workers, tp.store_dir = workers, store_dir
     return tp
 
 

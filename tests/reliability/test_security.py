@@ -2,7 +2,8 @@
 
 - Every listening socket of an instance and of an api_server (the process and its children, matched by
   inode through psutil) is on the configured --host: 127.0.0.1 by default, another loopback address
-  when told, never the wildcard; and there are no ports but the configured ones.
+  when told, never the wildcard; and there are no ports but the configured ones. A tensor-parallel
+  instance's ranks add gloo's sockets, on 127.0.0.1.
 - With a cluster token ($PDLAB_CLUSTER_TOKEN or --cluster-token), messages to an instance's control-plane
   ports without it, or with a wrong one, are refused and logged; the deployment serves clients that have
   it. The api_server hands the token to its instance in the environment, never on the command line.
@@ -91,6 +92,18 @@ def test_every_port_of_a_disaggregated_pair_binds_the_configured_host(cluster):
                                                                prefill.cache_queue_port, prefill_pd)}
     assert listening(decode.proc.pid) == {(host, p) for p in (decode.engine_worker_queue_port,
                                                               decode.cache_queue_port, decode_pd, metrics)}
+
+
+def test_a_tensor_parallel_instance_and_its_ranks_listen_on_loopback_only(cluster):
+    # The ranks meet through a file store (a tcp:// store listened on every interface) and gloo keeps
+    # its pair sockets on the loopback interface: whatever else listens is on 127.0.0.1.
+    instance = cluster.start("mixed", "tiny", ["--device", "cpu", "--tensor-parallel-size", "2",
+                                               "--max-model-len", str(MAX_LEN)])
+    instance.wait_ready(120)
+    ports = listening(instance.proc.pid)
+    assert {ip for ip, _ in ports} == {"127.0.0.1"}, ports
+    assert {instance.engine_worker_queue_port, instance.cache_queue_port} <= {port for _, port in ports}
+    assert len(psutil.Process(instance.proc.pid).children(recursive=True)) == 1  # the second rank
 
 
 # --- the cluster token ----------------------------------------------------------------------------------
