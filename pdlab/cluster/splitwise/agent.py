@@ -205,7 +205,7 @@ class RedisAgent:
     def _came_back(self) -> None:
         if self._down_since is not None:
             log.warning("%s: the splitwise scheduler's Redis at %s is back after %.1f s",
-                        self.node_id, self.config.address, self.down_for_s())
+                        self.node_id, self.config.address, time.monotonic() - self._down_since)
             self._down_since = None
 
     def _write_loop(self) -> None:
@@ -232,7 +232,6 @@ class RedisAgent:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.config.heartbeat_s
                     self._heartbeat()
-                    self._came_back()
             except redis.RedisError as e:
                 self._went_down(e)
                 self._stopping.wait(min(0.5, self.config.heartbeat_s))
@@ -250,10 +249,12 @@ class RedisAgent:
         r, keys = self._writer_redis, self.keys
         me = msgspec.structs.replace(self.info, ts=time.time())
         r.hset(keys.cluster, self.node_id, encode(me))
+        # Redis answered: it is back now, before anyone can see this node listed again and send it work.
+        self._last_beat_s = time.monotonic()
+        self._came_back()
         view = {}
         now = time.time()
         entries = r.hgetall(keys.cluster)
-        self._last_beat_s = time.monotonic()
         for node_id, raw in entries.items():
             node_id = node_id.decode(errors="replace")
             try:
