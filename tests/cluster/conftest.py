@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from pdlab.cluster.client import ping
+from pdlab import SamplingParams
+from pdlab.cluster.client import RemoteEngine, ping
 from pdlab.cluster.launch import InstanceProcess, start_instance
 from pdlab.cluster.messages import Pong
+from pdlab.engine.outputs import RequestOutput
 
 # The CI machine has 2 cores: one thread per instance process.
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -65,6 +67,17 @@ class Pair:
                 pytest.fail(f"not idle after {timeout_s:.0f} s (leaked blocks or requests):\n"
                             f"prefill {pongs[0]}\ndecode {pongs[1]}\n{self.logs()}")
             time.sleep(0.05)
+
+
+def short_request(endpoint: str, request_id: str, timeout_s: float = 30.0) -> RequestOutput:
+    """One 3-token prompt and 4 greedy tokens through a fresh client of the instance at `endpoint`: does it
+    still serve (or, with the error it ends with, why not)?"""
+    engine = RemoteEngine(endpoint)
+    try:
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, temperature=0), request_id)
+        return engine.drain(timeout_s)[request_id]
+    finally:
+        engine.close()
 
 
 def is_idle(pong: Pong) -> bool:

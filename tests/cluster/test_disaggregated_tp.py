@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import random
 
-
 from pdlab import LLM, SamplingParams
 from pdlab.cluster.client import RemoteEngine
 
-from .conftest import instance_args
+from .conftest import instance_args, short_request
 
 MAX_LEN = 256
 
@@ -56,12 +55,7 @@ def test_mismatched_tensor_parallel_sizes_fail_the_request_saying_so(cluster):
     prefill, decode = pair(cluster, 2, 1)
     for proc in (prefill, decode):
         proc.wait_ready(120)
-    engine = RemoteEngine(decode.endpoint)
-    try:
-        engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, temperature=0), "x")
-        out = engine.drain(30.0)["x"]
-    finally:
-        engine.close()
+    out = short_request(decode.endpoint, "x")
     assert out.finish_reason == "error" and "tensor-parallel size 1" in out.error and "must be equal" in out.error
 
 

@@ -17,7 +17,9 @@ import pytest
 
 from pdlab.cluster.client import ping
 from pdlab.cluster.messages import Pong
-from tests.cluster.conftest import ENV, Cluster, Pair, cluster, instance_args, is_idle, module_cluster  # noqa: F401
+from tests.cluster.conftest import (  # noqa: F401
+    ENV, Cluster, Pair, cluster, instance_args, is_idle, module_cluster, short_request,
+)
 from tests.cluster.splitwise.conftest import (  # noqa: F401
     EXPIRE_S, HEARTBEAT_S, Hosts, RedisServer, hosts, network_hosts, new_topic, node_ids, redis_server, splitwise_args,
     wait_nodes,

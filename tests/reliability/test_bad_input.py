@@ -27,9 +27,10 @@ import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 
 from pdlab import SamplingParams
-from pdlab.cluster.client import RemoteEngine
 from pdlab.cluster.launch import free_port
 from pdlab.cluster.messages import GenerateRequest, KVLayer, decode, encode, sampling_to_msg
+
+from .conftest import short_request
 
 MAX_LEN = 64  # every valid request ends within 63 tokens: the fuzz stays fast
 FUZZ = [  # (path, generation mode, cases)
@@ -221,12 +222,7 @@ def test_malformed_truncated_and_oversized_control_messages_are_dropped_logged_a
             sock.close()
     finally:
         ctx.destroy(linger=0)
-    engine = RemoteEngine(pair.decode.endpoint)
-    try:
-        engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, temperature=0), "after")
-        after = engine.drain(30.0)["after"]
-    finally:
-        engine.close()
+    after = short_request(pair.decode.endpoint, "after")
     assert after.error is None and len(after.token_ids) == 4, (after.error, pair.logs())
     assert "Traceback" not in pair.prefill.log_tail(10_000) + pair.decode.log_tail(10_000)
     pair.wait_idle()

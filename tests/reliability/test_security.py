@@ -33,7 +33,7 @@ from pdlab.cluster.launch import free_port
 from pdlab.cluster.messages import Ping, encode
 from pdlab.cluster.splitwise.keys import Keys
 
-from .conftest import new_topic, splitwise_args, wait_idle
+from .conftest import new_topic, short_request, splitwise_args, wait_idle
 
 MAX_LEN = 128
 
@@ -218,12 +218,7 @@ def test_pickle_planted_on_every_port_and_in_every_redis_key_is_refused(cluster,
         assert "dropped an entry of its Redis results list" in log, log[-2000:]
         assert "refused" in log and "malformed" in log, log[-2000:]
     assert not marker.exists(), "something unpickled a payload"
-    engine = RemoteEngine(prefill.endpoint)
-    try:
-        engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, temperature=0), "after")
-        after = engine.drain(30.0)["after"]
-    finally:
-        engine.close()
+    after = short_request(prefill.endpoint, "after")
     assert after.error is None and len(after.token_ids) == 4
     wait_idle({"prefill": prefill.endpoint, "decode": decode.endpoint}, 15.0)
 
