@@ -69,6 +69,8 @@ def open_handle(handle: bytes, device: torch.device) -> int:
     """Map another process's allocation into this one, for kernels on `device`; returns its address."""
     if len(handle) != IPC_HANDLE_BYTES:
         raise CudaIpcError(f"a CUDA IPC handle has {IPC_HANDLE_BYTES} bytes, got {len(handle)}")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
     torch.cuda.current_stream(device).synchronize()  # makes the primary context current on this thread
     h = _IpcHandle()

@@ -59,6 +59,8 @@ def map_weights(shared: SharedWeights, config: ModelConfig, dtype: torch.dtype, 
 
     Raises ConfigError when `shared` describes another model, dtype, quantization or GPU,
     or when the driver refuses to map it."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     wanted = {"model": location, "dtype": _dtype_name(dtype), "quantization": quantization,
               "device_uuid": device_uuid(device)}
     for key, value in wanted.items():
