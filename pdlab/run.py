@@ -316,16 +316,22 @@ SWEEP_COLUMNS = ["run", "backend", "rate_rps", "request_throughput_rps", "goodpu
                  "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "slow_start"]
 
 
+def records_path(out_dir: str | Path) -> Path:
+    """An experiment's records: records.csv, or its gzipped copy (how large results are committed)."""
+    plain = Path(out_dir) / "records.csv"
+    return plain if plain.exists() or not plain.with_suffix(".csv.gz").exists() else plain.with_suffix(".csv.gz")
+
+
 def load_result(out_dir: str | Path) -> ExperimentResult:
-    """An experiment's results as `write_results` left them (records.csv and provenance.json), e.g. the
-    GPU runs committed under data/results/, for notebooks and comparisons on any machine."""
+    """An experiment's results as `write_results` left them (records.csv, or records.csv.gz as committed
+    under data/results/, and provenance.json): GPU runs read on any machine, by notebooks and comparisons."""
     from pdlab.experiment import parse_experiment
     from pdlab.metrics.records import frame_to_records
 
     out_dir = Path(out_dir)
     meta = json.loads((out_dir / "provenance.json").read_text())
     exp = parse_experiment(meta["experiment"], str(out_dir / "provenance.json"))
-    frame = pd.read_csv(out_dir / "records.csv", dtype={"request_id": str, "error": str, "finish_reason": str},
+    frame = pd.read_csv(records_path(out_dir), dtype={"request_id": str, "error": str, "finish_reason": str},
                         keep_default_na=False, na_values=[""])
     by_name = {run.name: run for run in exp.runs}
     runs = {}
