@@ -115,6 +115,9 @@ class RunSection(Section):
     # memory (its gpu_memory_utilization; default: engine.gpu_memory_utilization split evenly); and whether a
     # decode instance maps the prefill's weights instead of loading a copy.
     gpu_sharing: Literal["time", "mps"] = "time"
+    # sim: the GPUs the layout is placed on, as a real deployment places it on a machine with that many (instances
+    # wrap around and share); time-sliced instances on one GPU take turns. None: each instance has its own.
+    num_gpus: PositiveInt | None = None
     sm_percentage: dict[Role, Annotated[int, Field(ge=1, le=100)]] = {}
     memory_share: dict[Role, Annotated[float, Field(gt=0, le=1)]] = {}
     share_weights: bool = True

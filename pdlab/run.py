@@ -53,6 +53,7 @@ class ExperimentResult:
     runs: dict[str, RunResult]
     out_dir: Path | None
     failures: dict[str, str] = field(default_factory=dict)  # run (and backend) -> its error, one line
+    provenance: dict = field(default_factory=dict)  # where it was measured (load_result: the provenance.json)
 
     @property
     def table(self) -> pd.DataFrame:
@@ -61,6 +62,14 @@ class ExperimentResult:
     @property
     def records(self) -> dict[str, list[RequestRecord]]:
         return {name: r.records for name, r in self.runs.items()}
+
+    def with_slo(self, ttft_ms: float | None, tpot_ms: float | None) -> ExperimentResult:
+        """The same runs judged against other SLOs (every summary recomputed from the records)."""
+        from pdlab.experiment import SloSection
+
+        exp = self.experiment.model_copy(update={"slo": SloSection(ttft_ms=ttft_ms, tpot_ms=tpot_ms)})
+        runs = {label: replace(r, summary=_summarize(exp, r.records)) for label, r in self.runs.items()}
+        return ExperimentResult(exp, runs, self.out_dir, dict(self.failures), self.provenance)
 
     @property
     def sweep(self) -> pd.DataFrame:
@@ -121,6 +130,7 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     """Serve the same request list in the SimPy model: the real scheduler, a roofline cost per step."""
     from pdlab.models.source import resolve_model
     from pdlab.models.tokenizer import ByteTokenizer
+    from pdlab.policy.devices import gpus_of
     from pdlab.policy.scheduler import SchedulerConfig
     from pdlab.sim import GPUS, LINKS, InstanceSpec, Layout, simulate
     from pdlab.sim.profile_cost import ProfileCost
@@ -168,12 +178,22 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     if run.link_bandwidth_gbps is not None:
         link = replace(link, bandwidth_bytes_per_s=run.link_bandwidth_gbps * 1e9)
     if run.mode == "colocated":
-        layout = Layout(instance("mixed"), mode="colocated", num_instances=run.num_instances, routing=run.routing)
+        tps = [run.tp("mixed", e.tensor_parallel_size)] * run.num_instances
+    else:
+        tps = [run.tp("prefill", e.tensor_parallel_size)] * run.num_prefill + \
+              [run.tp("decode", e.tensor_parallel_size)] * run.num_decode
+    # Instances time-sliced on shared GPUs take turns; under MPS they overlap, which the model does not capture.
+    gpu_of = None
+    if run.num_gpus is not None and run.gpu_sharing == "time":
+        gpu_of = tuple(ids[0] for ids in gpus_of(tps, run.num_gpus))
+    if run.mode == "colocated":
+        layout = Layout(instance("mixed"), mode="colocated", num_instances=run.num_instances, routing=run.routing,
+                        gpu_of=gpu_of)
     else:
         layout = Layout(instance("prefill"), mode="disaggregated", num_prefill=run.num_prefill,
                         num_decode=run.num_decode, decode_instance=instance("decode"), link=link,
                         kv_bytes_per_token=model.kv_bytes_per_token(2), num_layers=model.num_layers,
-                        routing=run.routing)
+                        routing=run.routing, gpu_of=gpu_of)
     records = [replace(r, mode=run.mode) for r in simulate(requests, layout, None, seed=exp.seed)]
     return RunResult(run, records, _summarize(exp, records), backend="sim")
 
@@ -341,7 +361,7 @@ def load_result(out_dir: str | Path) -> ExperimentResult:
         rate = None if pd.isna(rate) else float(rate)
         run = by_name[label.split("@")[0]]
         runs[label] = RunResult(run, records, _summarize(exp, records), backend=records[0].backend, rate_rps=rate)
-    return ExperimentResult(exp, runs, out_dir)
+    return ExperimentResult(exp, runs, out_dir, dict(meta.get("failures") or {}), meta)
 
 
 def format_report(result: ExperimentResult, max_texts: int = 3) -> str:

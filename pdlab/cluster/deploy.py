@@ -34,6 +34,7 @@ from typing import Literal
 
 from pdlab.cluster.launch import InstanceProcess, start_instance
 from pdlab.cluster.mps import MpsDaemon, MpsError
+from pdlab.policy.devices import gpus_of
 
 Mode = Literal["colocated", "disaggregated"]
 GpuSharing = Literal["time", "mps"]
@@ -100,13 +101,7 @@ class Deployment:
         if not gpus:
             threads = str(cpu_threads(len(roles)))
             return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in roles]
-        envs, next_gpu = [], 0
-        for _, tp in roles:
-            if next_gpu + tp > gpus:
-                next_gpu = 0  # wrap around: share
-            envs.append({"CUDA_VISIBLE_DEVICES": ",".join(str((next_gpu + r) % gpus) for r in range(tp))})
-            next_gpu += tp
-        return envs
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(map(str, ids))} for ids in gpus_of([tp for _, tp in roles], gpus)]
 
     def sharing(self, env: dict[str, str], envs: list[dict[str, str]]) -> int:
         """How many instances (this one included) use a GPU of this one's."""

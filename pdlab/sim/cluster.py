@@ -21,6 +21,10 @@ decode instance reserves blocks as before, then sends the task to the prefill
 the router chose. Colocated, the router picks a mixed instance by its tokens
 in flight. Default policy: `fastdeploy` (random among the near-least loaded).
 
+GPUs: `gpu_of` places the instances; those on one GPU take turns step by step
+(time-sliced). Instances under CUDA MPS, which overlap, are not modelled: give
+them no `gpu_of`, and their steps run as if each had its own GPU.
+
 Links: with `link_scope="per_prefill"` each prefill instance has its own
 egress link (its NVLink port or NIC), shared by its concurrent transfers;
 `"shared"` puts every transfer on one link (a single cross-node bottleneck).
@@ -62,6 +66,9 @@ class Layout:
     routing: Routing = "innode"
     dispatch: str | None = None  # a name in pdlab.policy.dispatch.POLICIES; None: the routing's default
     heartbeat_s: float = 0.0  # splitwise: loads reach the router in heartbeats this far apart (0: at once)
+    # The GPU of each instance, in start order (prefills, then decodes; or the mixed ones), when some share one:
+    # their steps take turns (time-sliced, as separate processes on one GPU without MPS). None: each its own.
+    gpu_of: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.routing not in DEFAULT_DISPATCH:
@@ -75,6 +82,8 @@ class Layout:
         counts = (self.num_instances,) if self.mode == "colocated" else (self.num_prefill, self.num_decode)
         if min(counts) < 1 or self.num_layers < 1 or self.kv_bytes_per_token < 0:
             raise ValueError(f"bad layout: {self}")
+        if self.gpu_of is not None and len(self.gpu_of) != self.num_total_instances:
+            raise ValueError(f"gpu_of names {len(self.gpu_of)} GPUs for {self.num_total_instances} instances")
 
     @property
     def num_total_instances(self) -> int:
@@ -102,6 +111,10 @@ class SimCluster:
             decode_spec = layout.decode_instance or layout.instance
             self.entries = [DecodeInstance(env, f"decode-{i}", decode_spec, cost, self.dispatch_prefill)
                             for i in range(layout.num_decode)]
+        if layout.gpu_of is not None:
+            gpus = {g: simpy.Resource(env, capacity=1) for g in set(layout.gpu_of) if layout.gpu_of.count(g) > 1}
+            for instance, g in zip(self.instances, layout.gpu_of, strict=True):
+                instance.gpu = gpus.get(g)
         # Each policy draws from its own stream of the run's seed.
         self.router: SplitwiseRouter | None = None
         if layout.routing == "splitwise":

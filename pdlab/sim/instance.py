@@ -7,7 +7,9 @@ replaced by a cost model:
     yield env.timeout(cost.step_time_s(batch))
     scheduler.update(batch, sampled, env.now)
 
-`sampled` gives every sampling item the same fake token id. Simulated requests
+`sampled` gives every sampling item the same fake token id. Instances that
+share a GPU time-sliced (`gpu`, a SimPy resource of capacity one) take turns:
+a step waits for the other instances' steps on that GPU to end. Simulated requests
 carry no EOS ids and run to `max_tokens`, as benchmark requests do with
 `ignore_eos`. An instance with nothing to schedule sleeps on an event that
 `notify` fires when work arrives (a new request, a landed transfer, freed
@@ -68,6 +70,8 @@ class SimInstance:
         self.before_schedule: Callable[[SimInstance], None] | None = None
         self.on_batch: Callable[[ScheduledBatch], None] | None = None
         self._wake: simpy.Event | None = None
+        # The GPU this instance shares, time-sliced, with others (None: its own): a step holds it throughout.
+        self.gpu: simpy.Resource | None = None
         self.process = env.process(self.run())
 
     @property
@@ -97,9 +101,15 @@ class SimInstance:
                 continue
             if self.on_batch is not None:
                 self.on_batch(batch)
-            self.start_step(batch)
             step_s = self.cost.step_time_s(batch)
-            yield env.timeout(step_s)
+            if self.gpu is None:
+                self.start_step(batch)
+                yield env.timeout(step_s)
+            else:
+                with self.gpu.request() as turn:  # the other instances' steps on this GPU go first
+                    yield turn
+                    self.start_step(batch)
+                    yield env.timeout(step_s)
             self.num_steps += 1
             self.busy_s += step_s
             sampled = {item.request.request_id: FAKE_TOKEN_ID for item in batch.items if item.sample}
