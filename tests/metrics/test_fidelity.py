@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
 import pytest
 
 from pdlab.experiment import parse_experiment
@@ -27,7 +28,7 @@ def test_a_slower_simulation_shows_as_positive_errors():
     assert abs(table.loc["tpot_p90_ms", "error"] - 0.1) < 1e-9
     assert not table.loc["ttft_p50_ms", "within_target"]
     same = fidelity_table({"x": (records(1.0), records(1.0))}).set_index("metric")
-    assert same.loc["goodput_rps", "error"] is None  # no SLO given: no goodput to compare
+    assert pd.isna(same.loc["goodput_rps", "error"])  # no SLO given: no goodput to compare
     judged = same.drop(index="goodput_rps")
     assert (judged["error"].abs() < 1e-12).all() and judged["within_target"].all()
 
