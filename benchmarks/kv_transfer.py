@@ -2,14 +2,15 @@
 
     python benchmarks/kv_transfer.py --out data/bench/kv_transfer.json
 
-Needs two GPUs. Part 1, bandwidth: a "decode" process on GPU 1 exports its
-llama3-8b-shaped KV cache; a "prefill" process on GPU 0 pushes 1k, 4k and 16k
-tokens' worth of randomly placed blocks into it, layer by layer, through
-`CudaIpcSender` (what a prefill instance does), and checks the bytes that
-landed. In the same process and run: one raw peer copy (`copy_` GPU 0 -> GPU 1)
-of the same number of contiguous bytes. Part 2, TTFT: 4k-token prompts served
-by one colocated (`mixed`) instance on GPU 0, then by a prefill instance on
-GPU 0 and a decode instance on GPU 1 over ipc, measured at the client.
+Part 1, bandwidth: a "decode" process on GPU 1 (GPU 0 on a machine with one
+GPU: two instances sharing it) exports its llama3-8b-shaped KV cache; a
+"prefill" process on GPU 0 pushes 1k, 4k and 16k tokens' worth of randomly
+placed blocks into it, layer by layer, through `CudaIpcSender` (what a prefill
+instance does), and checks the bytes that landed. In the same process and run:
+one raw copy (`copy_` GPU 0 -> GPU 1, or GPU 0 -> GPU 0) of the same number of
+contiguous bytes. Part 2, TTFT: 4k-token prompts served by one colocated
+(`mixed`) instance on GPU 0, then by a prefill instance on GPU 0 and a decode
+instance on the other GPU (or the same one) over ipc, measured at the client.
 """
 
 from __future__ import annotations
@@ -43,16 +44,16 @@ def _descriptor(cache: KVCache) -> KVDescriptor:
                         dtype=str(kv.dtype).removeprefix("torch."), **CudaIpcReceiver(cache).descriptor_fields())
 
 
-def decode_side(conn, num_blocks: int) -> None:
-    torch.cuda.set_device(1)
-    cache = KVCache(PRESETS["llama3-8b"], num_blocks, BLOCK_SIZE, torch.bfloat16, "cuda:1")
+def decode_side(conn, num_blocks: int, gpu: int) -> None:
+    torch.cuda.set_device(gpu)
+    cache = KVCache(PRESETS["llama3-8b"], num_blocks, BLOCK_SIZE, torch.bfloat16, f"cuda:{gpu}")
     conn.send_bytes(encode_descriptor(_descriptor(cache)))
     while True:
         request = conn.recv_bytes().decode()
         if request == "stop":
             return
         # "sum:<comma-separated block ids>": checksum of those blocks, every layer.
-        ids = torch.tensor([int(x) for x in request.split(":")[1].split(",")], device="cuda:1")
+        ids = torch.tensor([int(x) for x in request.split(":")[1].split(",")], device=f"cuda:{gpu}")
         conn.send_bytes(str(float(cache.kv.index_select(2, ids).float().sum())).encode())
 
 
@@ -62,7 +63,7 @@ def encode_descriptor(d: KVDescriptor) -> bytes:
     return msgspec.msgpack.encode(d)
 
 
-def prefill_side(conn, num_blocks: int, repeats: int) -> list[dict]:
+def prefill_side(conn, num_blocks: int, repeats: int, dst_gpu: int) -> list[dict]:
     import msgspec
 
     from pdlab.transfer.cuda_ipc import CudaIpcSender, copy_blocks
@@ -114,15 +115,15 @@ def prefill_side(conn, num_blocks: int, repeats: int) -> list[dict]:
         local_sum = float(cache.kv.index_select(2, torch.tensor(src, device="cuda:0")).float().sum())
         # Baseline: one raw peer copy of the same number of bytes, contiguous.
         a = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
-        b = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+        b = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{dst_gpu}")
         b.copy_(a)
         raw = []
         for _ in range(repeats):
             torch.cuda.synchronize(0)
-            torch.cuda.synchronize(1)
+            torch.cuda.synchronize(dst_gpu)
             t = time.perf_counter()
             b.copy_(a)
-            torch.cuda.synchronize(1)
+            torch.cuda.synchronize(dst_gpu)
             torch.cuda.synchronize(0)
             raw.append(time.perf_counter() - t)
         del a, b
@@ -143,28 +144,29 @@ def prefill_side(conn, num_blocks: int, repeats: int) -> list[dict]:
     return rows
 
 
-def bandwidth(repeats: int) -> list[dict]:
+def bandwidth(repeats: int, dst_gpu: int) -> list[dict]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     num_blocks = 2 * SIZES_TOKENS[-1] // BLOCK_SIZE
-    proc = ctx.Process(target=decode_side, args=(child, num_blocks), daemon=True)
+    proc = ctx.Process(target=decode_side, args=(child, num_blocks, dst_gpu), daemon=True)
     proc.start()
     try:
-        return prefill_side(parent, num_blocks, repeats)
+        return prefill_side(parent, num_blocks, repeats, dst_gpu)
     finally:
         proc.join(10)
         if proc.is_alive():
             proc.kill()
 
 
-def ttft(model: str, prompt_tokens: int, num_requests: int, log_dir: Path) -> dict:
+def ttft(model: str, prompt_tokens: int, num_requests: int, log_dir: Path, dst_gpu: int) -> dict:
     """Median client-side TTFT of sequential requests, colocated vs disaggregated."""
     from pdlab.cluster.client import RemoteEngine
     from pdlab.cluster.launch import start_instance
     from pdlab.sampling_params import SamplingParams
 
+    share = "0.6" if dst_gpu else "0.4"  # two instances on one GPU split it
     common = ["--max-model-len", str(prompt_tokens + 64), "--max-num-batched-tokens", str(prompt_tokens + 64),
-              "--gpu-memory-utilization", "0.6", "--cache-transfer-protocol", "ipc"]
+              "--gpu-memory-utilization", share, "--cache-transfer-protocol", "ipc"]
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(100, 120000, (prompt_tokens,), generator=gen).tolist() for _ in range(num_requests + 2)]
     params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
@@ -184,7 +186,7 @@ def ttft(model: str, prompt_tokens: int, num_requests: int, log_dir: Path) -> di
         engine.close()
         return out
 
-    result = {"model": model, "prompt_tokens": prompt_tokens, "num_requests": num_requests}
+    result = {"model": model, "prompt_tokens": prompt_tokens, "num_requests": num_requests, "decode_gpu": dst_gpu}
     mixed = start_instance("mixed", model, log_dir, extra_args=common, env={"CUDA_VISIBLE_DEVICES": "0"})
     try:
         mixed.wait_ready(600)
@@ -192,7 +194,7 @@ def ttft(model: str, prompt_tokens: int, num_requests: int, log_dir: Path) -> di
     finally:
         mixed.stop()
     prefill = start_instance("prefill", model, log_dir, extra_args=common, env={"CUDA_VISIBLE_DEVICES": "0"})
-    decode_ = start_instance("decode", model, log_dir, env={"CUDA_VISIBLE_DEVICES": "1"},
+    decode_ = start_instance("decode", model, log_dir, env={"CUDA_VISIBLE_DEVICES": str(dst_gpu)},
                              extra_args=common + ["--innode-prefill-ports", str(prefill.engine_worker_queue_port)])
     try:
         prefill.wait_ready(600)
@@ -214,14 +216,16 @@ def main() -> None:
     parser.add_argument("--ttft-model", default="llama3-8b")
     parser.add_argument("--ttft-requests", type=int, default=5)
     parser.add_argument("--skip-ttft", action="store_true")
+    parser.add_argument("--one-gpu", action="store_true", help="both sides on GPU 0 even with two GPUs")
     args = parser.parse_args()
-    if torch.cuda.device_count() < 2:
-        sys.exit("benchmarks/kv_transfer.py needs two GPUs")
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kv_transfer.py needs a GPU")
     from pdlab.provenance import provenance
 
-    report = {"provenance": provenance(), "bandwidth": bandwidth(args.repeats)}
+    dst_gpu = 0 if args.one_gpu or torch.cuda.device_count() < 2 else 1
+    report = {"provenance": provenance(), "decode_gpu": dst_gpu, "bandwidth": bandwidth(args.repeats, dst_gpu)}
     if not args.skip_ttft:
-        report["ttft_4k"] = ttft(args.ttft_model, 4096, args.ttft_requests, args.out.parent / "logs")
+        report["ttft_4k"] = ttft(args.ttft_model, 4096, args.ttft_requests, args.out.parent / "logs", dst_gpu)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -80,6 +80,9 @@ class SamplingSection(Section):
         return SamplingParams(max_tokens=max_tokens, seed=seed, **self.model_dump())
 
 
+Role = Literal["mixed", "prefill", "decode"]
+
+
 class RunSection(Section):
     """One layout to serve the workload with: `num_instances` colocated instances, or `num_prefill` prefill
     and `num_decode` decode instances (xPyD), each phase with its own tensor-parallel size."""
@@ -108,9 +111,19 @@ class RunSection(Section):
     # sim: who picks the instances (pdlab/sim/cluster.py): innode, the decode entry point picks a prefill;
     # splitwise, a router picks both by FastDeploy's loads. A real run's routing is innode.
     routing: Literal["innode", "splitwise"] = "innode"
+    # Instances that share a GPU (a 1P1D pair on one card): time-sliced by the driver, or side by side under
+    # CUDA MPS with an SM limit per role (percent; 100 or absent: no limit); each role's share of the card's
+    # memory (its gpu_memory_utilization; default: engine.gpu_memory_utilization split evenly); and whether a
+    # decode instance maps the prefill's weights instead of loading a copy.
+    gpu_sharing: Literal["time", "mps"] = "time"
+    sm_percentage: dict[Role, Annotated[int, Field(ge=1, le=100)]] = {}
+    memory_share: dict[Role, Annotated[float, Field(gt=0, le=1)]] = {}
+    share_weights: bool = True
 
     @model_validator(mode="after")
     def _check_layout(self):
+        if self.sm_percentage and self.gpu_sharing != "mps":
+            raise ValueError("sm_percentage needs gpu_sharing: mps (time-sliced instances cannot be limited)")
         if self.routing == "splitwise" and self.backend != "sim":
             raise ValueError("routing: splitwise runs only with backend: sim (a real splitwise deployment needs Redis: "
                              "docs/splitwise.md)")
@@ -167,6 +180,9 @@ class Experiment(Section):
     runs: tuple[RunSection, ...] = Field((RunSection(name="colocated"),), min_length=1)
     slo: SloSection = SloSection()
     sweep: SweepSection | None = None
+    # Requests each real deployment serves at the first rate, and discards, before its first measured rate
+    # (the first seconds of a fresh instance are slower: kernel compilation, allocator growth).
+    warmup_requests: NonNegativeInt = 0
     output_dir: Path = Path("results")
 
     @field_validator("sweep")
@@ -189,6 +205,11 @@ class Experiment(Section):
             return self
         arrival = self.workload.arrival.model_copy(update={"rate_rps": rate_rps})
         return self.model_copy(update={"workload": self.workload.model_copy(update={"arrival": arrival})})
+
+    def warmup(self) -> Experiment:
+        """The warm-up load: `warmup_requests` requests at the first rate, drawn with another seed."""
+        workload = self.at_rate(self.rates[0]).workload.model_copy(update={"num_requests": self.warmup_requests})
+        return self.model_copy(update={"workload": workload, "seed": self.seed + 1})
 
     @field_validator("model", mode="before")
     @classmethod

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
-from pdlab.errors import PdlabError
+from pdlab.errors import ConfigError, PdlabError
 from pdlab.experiment import Experiment, RunSection, load_experiment
 from pdlab.metrics.records import RequestRecord, records_to_frame
 from pdlab.metrics.summary import summarize, summary_table
@@ -33,7 +35,8 @@ TABLE_ROWS = {
     "slo_attainment": "within SLOs (%)",
     "goodput_rps": "goodput (req/s within SLOs)",
 }
-SWEEP_LABELS = {**TABLE_ROWS, "rate_rps": "rate (req/s)", "goodput_rps": "goodput (req/s)"}
+SWEEP_LABELS = {**TABLE_ROWS, "rate_rps": "rate (req/s)", "goodput_rps": "goodput (req/s)",
+                "slow_start": "slow start"}
 METRIC_LEGEND = ("TTFT: arrival to first token; TPOT: time per output token after the first; "
                  "E2E: arrival to last token.")
 
@@ -59,6 +62,7 @@ class ExperimentResult:
     experiment: Experiment
     runs: dict[str, RunResult]
     out_dir: Path | None
+    failures: dict[str, str] = field(default_factory=dict)  # run (and backend) -> its error, one line
 
     @property
     def table(self) -> pd.DataFrame:
@@ -76,9 +80,10 @@ class ExperimentResult:
         return pd.DataFrame(rows)
 
 
-def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> list[RunResult]:
+def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> Iterator[RunResult]:
     """Serve the workload on real instance processes of the run's layout, once per rate of the sweep
-    (one deployment for all of them); time it at the client."""
+    (one deployment for all of them, warmed up first with `warmup_requests` discarded requests); time it
+    at the client. Yields each rate's result as soon as it is measured."""
     from pdlab.backends.balance import Balanced
     from pdlab.backends.replay import replay
     from pdlab.cluster.client import RemoteEngine
@@ -90,34 +95,37 @@ def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | N
     deployment = Deployment(exp.model.name, run.mode, exp.instance_args(), protocol=run.transfer_protocol,
                             num_instances=run.num_instances, num_prefill=run.num_prefill, num_decode=run.num_decode,
                             tensor_parallel_size=run.tp("mixed", tp), prefill_tp=run.tp("prefill", tp),
-                            decode_tp=run.tp("decode", tp), log_dir=log_dir)
-    results = []
+                            decode_tp=run.tp("decode", tp), log_dir=log_dir, gpu_sharing=run.gpu_sharing,
+                            sm_percentage=dict(run.sm_percentage), memory_share=dict(run.memory_share),
+                            share_weights=run.share_weights)
+
+    def serve(at_rate: Experiment, desc: str) -> tuple[list[RequestSpec], list[RequestRecord], dict]:
+        requests = build_requests(at_rate, tokenizer)
+        engine = Balanced([RemoteEngine(endpoint) for endpoint in deployment.endpoints])
+        try:
+            records, outputs = replay(engine, requests, lambda spec: params_for(exp, spec), run.mode,
+                                      progress=progress, desc=desc)
+        finally:
+            engine.close()
+        return requests, records, outputs
+
     with deployment:
+        if exp.warmup_requests:
+            serve(exp.warmup(), f"{run.name} warm-up (discarded)")
         for rate in exp.rates:
-            at_rate = exp.at_rate(rate)
-            requests = build_requests(at_rate, tokenizer)
-            engine = Balanced([RemoteEngine(endpoint) for endpoint in deployment.endpoints])
-            try:
-                desc = run.name if rate is None else f"{run.name} @ {rate:g} req/s"
-                records, outputs = replay(engine, requests, lambda spec: params_for(exp, spec), run.mode,
-                                          progress=progress, desc=desc)
-            finally:
-                engine.close()
+            requests, records, outputs = serve(exp.at_rate(rate), run.name if rate is None else f"{run.name} @ {rate:g} req/s")
             texts = {spec.request_id: {"prompt": spec.prompt_text, "answer": outputs[spec.request_id].text}
                      for spec in requests if spec.prompt_text is not None}
-            results.append(RunResult(run, records, _summarize(exp, records), texts, "real", rate))
-    return results
+            yield RunResult(run, records, _summarize(exp, records), texts, "real", rate)
 
 
-def run_sims(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> list[RunResult]:
+def run_sims(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> Iterator[RunResult]:
     """`run_sim` at every rate of the sweep."""
-    results = []
     for rate in exp.rates:
         desc = run.name if rate is None else f"{run.name} @ {rate:g} req/s"
         result = run_sim(exp.at_rate(rate), run, progress, log_dir, desc=f"{desc} (simulated)")
         result.rate_rps = rate
-        results.append(result)
-    return results
+        yield result
 
 
 def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None,
@@ -213,17 +221,75 @@ def _summarize(exp: Experiment, records: list[RequestRecord]) -> dict:
     return summarize(records, slo_ttft_s=exp.slo.ttft_s, slo_tpot_s=exp.slo.tpot_s)
 
 
-def run_experiment(exp: Experiment, progress: bool = True, write: bool = True) -> ExperimentResult:
-    """Every run, on each of its backends, at each rate of the sweep (or once); results by label."""
+def run_experiment(exp: Experiment, progress: bool = True, write: bool = True, only: Sequence[str] = ()
+                   ) -> ExperimentResult:
+    """Every run (or those named in `only`), on each of its backends, at each rate of the sweep (or once);
+    results by label. With `write`, results are written as each rate is measured, so an interrupted
+    experiment keeps what finished. A run that fails is recorded with its error and the next goes on
+    (`ExperimentResult.failures`); a mistake in the experiment itself (PdlabError) still ends it at once
+    when it comes before anything ran."""
+    runs = select_runs(exp, only)
+    check_model(exp, runs)
     out_dir = exp.output_dir / exp.name if write else None
+    if out_dir is not None:
+        check_writable(out_dir)
     log_dir = out_dir / "logs" if out_dir is not None else None
     backends = {"real": run_real, "sim": run_sims}
-    runs = {r.label: r for run in exp.runs for backend in run.backends
-            for r in backends[backend](exp, run, progress, log_dir)}
-    result = ExperimentResult(exp, runs, out_dir)
-    if write:
-        write_results(result)
+    result = ExperimentResult(exp, {}, out_dir)
+    for run in runs:
+        for backend in run.backends:
+            name = run.name + ("@sim" if backend == "sim" and run.backend == "both" else "")
+            try:
+                for r in backends[backend](exp, run, progress, log_dir):
+                    result.runs[r.label] = r
+                    if write:
+                        write_results(result)
+            except Exception as e:  # recorded with its error; the next run goes on
+                result.failures[name] = _one_line(e)
+                print(f"run {name} failed: {result.failures[name]}", file=sys.stderr)
+                if write:
+                    write_results(result)
     return result
+
+
+def select_runs(exp: Experiment, only: Sequence[str]) -> list[RunSection]:
+    names = [run.name for run in exp.runs]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ConfigError(f"--runs: no run named {', '.join(unknown)} in this experiment (its runs: {', '.join(names)})")
+    return [run for run in exp.runs if not only or run.name in only]
+
+
+def check_model(exp: Experiment, runs: Sequence[RunSection]) -> None:
+    """Fail now, with the model's error, if a run cannot find its model (every run would fail alike)."""
+    backends = {backend for run in runs for backend in run.backends}
+    if "real" in backends:
+        from pdlab.models.source import resolve_model
+
+        resolve_model(exp.model.name)
+    if "sim" in backends:
+        from pdlab.sim.models import sim_model
+
+        sim_model(exp.model.name)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail now, before anything runs, if results cannot be written under `out_dir`."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write results under {out_dir}: {e.strerror or e}") from None
+
+
+def _one_line(error: Exception) -> str:
+    """An error's message on one line (a launch error's log tail cut to its last line); the type too
+    when it is not one of pdlab's own (a bug, not a mistake of the user's)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = " ... ".join(lines[:1] + lines[1:][-1:]) or type(error).__name__
+    return text if isinstance(error, PdlabError) else f"{type(error).__name__}: {text}"
 
 
 def write_results(result: ExperimentResult) -> list[Path]:
@@ -233,6 +299,10 @@ def write_results(result: ExperimentResult) -> list[Path]:
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
     exp = result.experiment
+    meta = {"experiment": exp.model_dump(mode="json"), **provenance(), "failures": result.failures}
+    (out / "provenance.json").write_text(json.dumps(meta, indent=2))
+    if not result.runs:
+        return [out / "provenance.json"]
     frames = []
     for label, run in result.runs.items():  # the record schema, with the run's label and rate in front
         frame = records_to_frame(run.records)
@@ -246,11 +316,11 @@ def write_results(result: ExperimentResult) -> list[Path]:
     result.table.to_csv(out / "summary.csv")
     files.append(out / "summary.csv")
     (out / "texts.json").write_text(json.dumps({n: r.texts for n, r in result.runs.items()}, indent=2))
-    meta = {"experiment": exp.model_dump(mode="json"), **provenance()}
-    (out / "provenance.json").write_text(json.dumps(meta, indent=2))
     files += [out / "texts.json", out / "provenance.json"]
     # Distributions at one load: the file's workload, or the sweep's highest rate.
-    last = {label: r.records for label, r in result.runs.items() if r.rate_rps == exp.rates[-1]}
+    done = [r.rate_rps for r in result.runs.values()]
+    top = exp.rates[-1] if exp.rates[-1] in done else max(done, key=lambda rate: rate or 0)  # while a sweep runs
+    last = {label: r.records for label, r in result.runs.items() if r.rate_rps == top}
     files += plots.save_figure(plots.cdf_figure(last, exp.slo.ttft_s, exp.slo.tpot_s), out / "cdf")
     files += plots.save_figure(plots.timeline_figure(last), out / "timeline")
     if exp.sweep is not None:
@@ -261,7 +331,7 @@ def write_results(result: ExperimentResult) -> list[Path]:
 
 
 SWEEP_COLUMNS = ["run", "backend", "rate_rps", "request_throughput_rps", "goodput_rps", "slo_attainment",
-                 "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms"]
+                 "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "slow_start"]
 
 
 def load_result(out_dir: str | Path) -> ExperimentResult:
@@ -287,14 +357,20 @@ def load_result(out_dir: str | Path) -> ExperimentResult:
 
 
 def format_report(result: ExperimentResult, max_texts: int = 3) -> str:
-    """The metrics table (readable names, units; metrics without a value left out), what its SLOs were,
-    and the first answers of each run."""
+    """The metrics table (readable names, units; metrics without a value left out), what its names and SLOs
+    mean, and the first answers of each run."""
+    from pdlab.metrics.summary import SLOW_START_RATIO
+
+    notes = [METRIC_LEGEND]
     as_percent = {"slo_attainment": 100.0}
     if result.experiment.sweep is not None:  # one row per run, backend and rate
         sweep = result.sweep
         frame = sweep[[c for c in SWEEP_COLUMNS if c in sweep.columns]].dropna(axis="columns", how="all")
         frame = frame.assign(**{c: frame[c] * k for c, k in as_percent.items() if c in frame})
         table = frame.rename(columns=SWEEP_LABELS).to_string(index=False, float_format=lambda v: f"{v:,.2f}")
+        if "slow_start" in frame:
+            notes.append(f"slow start: the first tenth of the requests had a TTFT p50 over {SLOW_START_RATIO:g}x "
+                         "the rest's.")
     else:
         frame = result.table.loc[[r for r in TABLE_ROWS if r in result.table.index]].dropna(how="all")
         for row, k in as_percent.items():
@@ -303,10 +379,10 @@ def format_report(result: ExperimentResult, max_texts: int = 3) -> str:
         table = frame.rename(index=TABLE_ROWS).rename_axis(None).to_string(float_format=lambda v: f"{v:,.2f}")
     slo = result.experiment.slo
     limits = [f"{name} <= {ms:g} ms" for name, ms in (("TTFT", slo.ttft_ms), ("TPOT", slo.tpot_ms)) if ms]
-    judged = (f"SLOs judged against: {' and '.join(limits)} (goodput and 'within SLOs' count the requests that "
-              f"met {'both' if len(limits) == 2 else 'it'})" if limits
-              else "No SLOs set (slo.ttft_ms, slo.tpot_ms): goodput not judged.")
-    lines = [table, "", METRIC_LEGEND, judged]
+    notes.append(f"SLOs judged against: {' and '.join(limits)} (goodput and 'within SLOs' count the requests that "
+                 f"met {'both' if len(limits) == 2 else 'it'})" if limits
+                 else "No SLOs set (slo.ttft_ms, slo.tpot_ms): goodput not judged.")
+    lines = [table, "", *notes]
     texts = [f"[{name}] {t['prompt']!r}\n    -> {t['answer']!r}"
              for name, run in result.runs.items() for t in list(run.texts.values())[:max_texts]]
     if texts:
@@ -322,17 +398,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, help="override the file's output_dir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the file, e.g. --set workload.num_requests=8 (repeatable)")
+    parser.add_argument("--runs", default="", metavar="NAME,NAME",
+                        help="run only these runs of the file (default all)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
+    # SIGTERM ends the experiment as Ctrl-C does: the deployment stops its instances, results so far stay.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    out_dir = None
     try:
         exp = load_experiment(args.experiment, args.overrides)
         if args.output_dir is not None:
             exp = exp.model_copy(update={"output_dir": args.output_dir})
-        result = run_experiment(exp, progress=not args.no_progress)
+        out_dir = exp.output_dir / exp.name
+        result = run_experiment(exp, progress=not args.no_progress,
+                                only=[n.strip() for n in args.runs.split(",") if n.strip()])
     except PdlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_report(result))
+    except KeyboardInterrupt:
+        kept = f"; the rates measured so far are in {out_dir}/" if out_dir is not None and out_dir.exists() else ""
+        print(f"\ninterrupted: instances stopped{kept}", file=sys.stderr)
+        return 130
+    if result.runs:
+        print(format_report(result))
+    if result.failures:
+        failed = "; ".join(f"{name}: {error}" for name, error in result.failures.items())
+        print(f"error: {len(result.failures)} run(s) failed ({failed})", file=sys.stderr)
+        return 1
     return 0
 
 

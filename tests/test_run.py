@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pdlab.metrics.records import read_records_csv
@@ -145,5 +146,29 @@ workload: {num_requests: 2, arrival: {kind: burst}, prompt_len: {kind: fixed, to
 runs: [{name: one, backend: sim}]
 """
     result = cli(str(write(tmp_path, text)), "--output-dir", str(tmp_path))
-    assert result.returncode == 2 and "use more GPUs per instance" in result.stderr
+    assert result.returncode == 1 and "run one failed" in result.stderr and "use more GPUs per instance" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_failing_run_keeps_the_runs_before_it_and_the_command_exits_non_zero(tmp_path):
+    """The second run cannot start (a model too big for its GPU in the simulator); the first run's results
+    stay on disk, the third still runs, and the command names the failed run and exits 1."""
+    text = """
+name: keep
+model: tiny
+workload: {num_requests: 4, arrival: {kind: poisson, rate_rps: 50}, prompt_len: {kind: fixed, tokens: 8},
+           output_len: {kind: fixed, tokens: 3}}
+sampling: {temperature: 0}
+sweep: {rates_rps: [20, 40]}
+runs:
+  - {name: first, backend: sim}
+  - {name: broken, backend: sim, profile: no/such/profile.csv}
+  - {name: third, backend: sim}
+"""
+    result = cli(str(write(tmp_path, text)), "--output-dir", str(tmp_path))
+    assert result.returncode == 1, result.stderr
+    assert "1 run(s) failed (broken: " in result.stderr and "Traceback" not in result.stderr
+    out = tmp_path / "keep"
+    sweep = pd.read_csv(out / "sweep.csv")
+    assert sorted(set(sweep["run"])) == ["first", "third"] and len(sweep) == 4
+    assert "broken" in json.loads((out / "provenance.json").read_text())["failures"]

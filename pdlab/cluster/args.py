@@ -1,14 +1,16 @@
-"""FastDeploy's instance flags (see ../shared/FASTDEPLOY.md), shared by every entry point that starts an instance."""
+"""FastDeploy's instance flags (and pdlab's own), shared by every entry point that starts an instance."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from pdlab.cluster.auth import TOKEN_ENV
 from pdlab.engine.config import QUANTIZATIONS, EngineConfig
 from pdlab.transfer import PROTOCOLS
 
 ROLES = ("mixed", "prefill", "decode")
+MPS_THREAD_PERCENTAGE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 
 
 def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -51,6 +53,15 @@ def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     s.add_argument("--scheduler-dispatch", default="fastdeploy",
                    choices=("fastdeploy", "least_loaded", "round_robin", "power_of_two"),
                    help="how the router picks instances: FastDeploy's random among the near-least loaded, ...")
+    g = p.add_argument_group("sharing one GPU with other instances (pdlab's; FastDeploy has no such flags)")
+    g.add_argument("--weights-from", type=int, default=None, metavar="PORT",
+                   help="map the weights of the instance whose engine-worker-queue port this is, on this machine "
+                        "and the same GPU, through CUDA IPC instead of loading a copy (it must stay up)")
+    g.add_argument("--weights-timeout-s", type=float, default=600.0,
+                   help="how long to wait for the --weights-from instance to come up")
+    g.add_argument("--sm-percentage", type=_percentage, default=None, metavar="N",
+                   help="under CUDA MPS: let this instance's kernels use at most N%% of the GPU's SMs "
+                        "(sets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE before CUDA starts; needs a running MPS daemon)")
     p.add_argument("--instance-id", default=None, help="a name for logs and metrics (default role:port)")
     p.add_argument("--transfer-timeout-s", type=float, default=30.0,
                    help="how long a decode instance waits for a prefill's KV, and a prefill for the decode's ack")
@@ -88,6 +99,19 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _percentage(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage from 1 to 100, got {value}")
+    return value
+
+
+def apply_sm_percentage(percentage: int | None) -> None:
+    """--sm-percentage: the MPS client limit, which CUDA reads when this process creates its context."""
+    if percentage is not None:
+        os.environ[MPS_THREAD_PERCENTAGE_ENV] = str(percentage)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

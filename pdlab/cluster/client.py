@@ -16,7 +16,8 @@ import zmq
 
 from pdlab.cluster.auth import cluster_token, seal
 from pdlab.cluster.messages import (
-    AbortRequest, GenerateRequest, MessageError, Ping, Pong, RequestUpdate, decode, encode, sampling_to_msg,
+    AbortRequest, GenerateRequest, MessageError, Ping, Pong, RequestUpdate, WeightsOffer, WeightsRequest, decode, encode,
+    sampling_to_msg,
 )
 from pdlab.engine.outputs import RequestOutput
 from pdlab.sampling_params import SamplingParams
@@ -86,6 +87,30 @@ def ping(endpoint: str, timeout_s: float = 1.0, context: zmq.Context | None = No
         return None
     finally:
         sock.close(linger=0)
+
+
+def fetch_weights(endpoint: str, timeout_s: float, token: bytes | None = None) -> WeightsOffer | None:
+    """Ask the instance at `endpoint` how to map its weights, waiting up to `timeout_s` for it to come up
+    (it answers once its model has loaded); None if it never answered."""
+    ctx = zmq.Context.instance()
+    token = token if token is not None else cluster_token()
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(endpoint)
+            sock.send_multipart(seal(token, [encode(WeightsRequest())]))
+            if sock.poll(int(min(left, 5.0) * 1000) + 1):  # re-sent every 5 s: a request sent before it bound is lost
+                try:
+                    message = decode(sock.recv())
+                except MessageError:
+                    continue
+                if isinstance(message, WeightsOffer):
+                    return message
+        finally:
+            sock.close(linger=0)
+    return None
 
 
 class RemoteEngine:

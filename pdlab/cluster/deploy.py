@@ -11,8 +11,17 @@ mode). The entry points are the mixed instances, or the decode instances.
 Devices: each instance takes as many consecutive GPUs as its tensor-parallel
 size (prefills first, then decodes, or the colocated replicas in order). When
 the layout needs more GPUs than there are, instances wrap around and share
-them (each then gets a share of their memory). On a machine without GPUs each
-instance gets a share of the cores.
+them. On a machine without GPUs each instance gets a share of the cores.
+
+Instances that share a GPU (a 1P1D pair on one card, say):
+- split its memory: `memory_share` gives a role its `--gpu-memory-utilization`
+  (default: the engine's, divided among the instances on the card);
+- run time-sliced (`gpu_sharing="time"`: separate processes, the driver takes
+  turns) or side by side under CUDA MPS (`"mps"`: the deployment starts the MPS
+  daemon unless one runs, stops what it started, and gives each role its
+  `sm_percentage`);
+- hold one copy of the weights (`share_weights`): a decode instance on the
+  same GPU as a prefill instance maps the prefill's weights (`--weights-from`).
 
 Lifetime: the instances end with the process that started them, however it
 ends; while they run, SIGTERM raises `Terminated` (a KeyboardInterrupt) in the
@@ -36,9 +45,11 @@ from pathlib import Path
 from typing import Literal
 
 from pdlab.cluster.launch import InstanceProcess, LaunchError, interrupt_on_sigterm, start_instance
+from pdlab.cluster.mps import MpsDaemon, MpsError
 from pdlab.provenance import LoadWatch, busy_warning
 
 Mode = Literal["colocated", "disaggregated"]
+GpuSharing = Literal["time", "mps"]
 
 
 def cpu_threads(num_instances: int) -> int:
@@ -79,7 +90,14 @@ class Deployment:
     transfer_timeout_s: float = 30.0
     ready_timeout_s: float = 600.0
     progress: bool = True  # a line on stderr as each instance is ready
+    # Instances sharing a GPU (see the module's docstring); roles: "mixed", "prefill", "decode".
+    gpu_sharing: GpuSharing = "time"
+    sm_percentage: dict[str, int] = field(default_factory=dict)  # mps: a role's SM limit (default 100)
+    memory_share: dict[str, float] = field(default_factory=dict)  # a role's --gpu-memory-utilization
+    share_weights: bool = True
+    mps_per_context: bool = True  # the MPS daemon's per-context SM partitioning
     instances: list[InstanceProcess] = field(default_factory=list)
+    mps: MpsDaemon | None = None
     load: dict | None = None  # after stop: `LoadWatch.report()` of the deployment's lifetime
     _undo_sigterm: Callable[[], None] | None = field(default=None, repr=False)
     _temp_log_dir: Path | None = field(default=None, repr=False)
@@ -116,13 +134,33 @@ class Deployment:
             next_gpu += tp
         return envs
 
-    def gpu_share(self, env: dict[str, str], envs: list[dict[str, str]]) -> list[str]:
-        """Instances sharing a GPU split its memory."""
+    def sharing(self, env: dict[str, str], envs: list[dict[str, str]]) -> int:
+        """How many instances (this one included) use a GPU of this one's."""
         if "CUDA_VISIBLE_DEVICES" not in env:
-            return []
+            return 1
         mine = set(env["CUDA_VISIBLE_DEVICES"].split(","))
-        sharing = sum(1 for e in envs if mine & set(e["CUDA_VISIBLE_DEVICES"].split(",")))
-        return ["--gpu-memory-utilization", f"{0.9 / sharing:.2f}"] if sharing > 1 else []
+        return sum(1 for e in envs if mine & set(e["CUDA_VISIBLE_DEVICES"].split(",")))
+
+    def gpu_args(self, role: str, env: dict[str, str], envs: list[dict[str, str]]) -> list[str]:
+        """A role's flags for its GPU: its memory share, and under MPS its SM limit."""
+        args = []
+        if role in self.memory_share:
+            args += ["--gpu-memory-utilization", f"{self.memory_share[role]:g}"]
+        elif (sharing := self.sharing(env, envs)) > 1:
+            args += ["--gpu-memory-utilization", f"{self._utilization() / sharing:.3f}"]
+        if self.gpu_sharing == "mps" and role in self.sm_percentage:
+            args += ["--sm-percentage", str(self.sm_percentage[role])]
+        return args
+
+    def _utilization(self) -> float:
+        """The engine's --gpu-memory-utilization (its default when the engine arguments do not set it)."""
+        from pdlab.engine.config import EngineConfig
+
+        value = EngineConfig().gpu_memory_utilization
+        for flag, arg in zip(self.engine_args, self.engine_args[1:]):
+            if flag == "--gpu-memory-utilization":
+                value = float(arg)
+        return value
 
     def start(self) -> Deployment:
         check_device(self.engine_args)  # a missing GPU fails now, not after the instances have started
@@ -135,18 +173,26 @@ class Deployment:
             if self.log_dir is None:
                 self._temp_log_dir = Path(tempfile.mkdtemp(prefix="pdlab-logs-"))
             log_dir = self.log_dir or self._temp_log_dir
-            prefill_ports = []
+            if self.gpu_sharing == "mps":
+                if not _num_gpus():
+                    raise MpsError("gpu_sharing mps needs a GPU; this machine has none visible")
+                self.mps = MpsDaemon(per_context=self.mps_per_context).start()
+            prefills: list[tuple[InstanceProcess, dict[str, str]]] = []
             self._say(f"starting {len(self.roles)} instance(s) of {self.model} "
                       f"({', '.join(role for role, _ in self.roles)}); logs in {log_dir}")
             start_s = time.monotonic()
             for (role, tp), env in zip(self.roles, envs):
-                args = [*common, *self.gpu_share(env, envs), "--tensor-parallel-size", str(tp)]
+                args = [*common, *self.gpu_args(role, env, envs), "--tensor-parallel-size", str(tp)]
                 if role == "decode":
-                    args += ["--innode-prefill-ports", ",".join(map(str, prefill_ports))]
-                proc = start_instance(role, self.model, log_dir, extra_args=args, env=env)
+                    args += ["--innode-prefill-ports", ",".join(str(p.engine_worker_queue_port) for p, _ in prefills)]
+                    owner = self.weights_owner(env, tp, prefills)
+                    if owner is not None:
+                        args += ["--weights-from", str(owner.engine_worker_queue_port)]
+                proc = start_instance(role, self.model, log_dir, extra_args=args,
+                                      env={**env, **(self.mps.env if self.mps else {})})
                 self.instances.append(proc)
                 if role == "prefill":
-                    prefill_ports.append(proc.engine_worker_queue_port)
+                    prefills.append((proc, env))
             for i, instance in enumerate(self.instances, start=1):
                 instance.wait_ready(self.ready_timeout_s)
                 self._say(f"  {instance.role} instance {i}/{len(self.instances)} ready after "
@@ -158,12 +204,23 @@ class Deployment:
             raise
         return self
 
+    def weights_owner(self, env: dict[str, str], tp: int, prefills: list[tuple[InstanceProcess, dict[str, str]]]
+                      ) -> InstanceProcess | None:
+        """The prefill instance on exactly this decode's GPU whose weights it maps (share_weights), if any."""
+        if not self.share_weights or tp != 1 or "CUDA_VISIBLE_DEVICES" not in env or "ipc" not in self.protocol:
+            return None
+        return next((p for p, e in prefills if e.get("CUDA_VISIBLE_DEVICES") == env["CUDA_VISIBLE_DEVICES"]), None)
+
     def stop(self) -> None:
+        """Stop the instances, decodes (which may map a prefill's weights) before prefills; then MPS, if started."""
         if self._undo_sigterm is not None:  # a second SIGTERM while stopping ends this process (the instances follow)
             self._undo_sigterm()
             self._undo_sigterm = None
         for instance in reversed(self.instances):
             instance.stop()
+        if self.mps is not None:
+            self.mps.stop()
+            self.mps = None
         if self._load_watch is not None:
             self.load = self._load_watch.report()
             warning = busy_warning(self.load, f"the {self.mode} deployment of {self.model}")

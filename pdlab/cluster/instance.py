@@ -26,10 +26,11 @@ import time
 
 import zmq
 
-from pdlab.cluster.args import add_instance_args, engine_config, parse_ports
+from pdlab.cluster.args import add_instance_args, apply_sm_percentage, engine_config, parse_ports
 from pdlab.cluster.auth import RefusalLog, cluster_token, unseal
 from pdlab.cluster.messages import (
-    AbortRequest, GenerateRequest, KVLayer, MessageError, Ping, PrefillDone, PrefillFailed, Pong, decode, encode,
+    AbortRequest, GenerateRequest, KVLayer, MessageError, Ping, PrefillDone, PrefillFailed, Pong, WeightsOffer,
+    WeightsRequest, decode, encode,
 )
 from pdlab.cluster.metrics import InstanceMetrics
 from pdlab.cluster.protocols import usable_protocols
@@ -69,7 +70,9 @@ class Instance:
             from pdlab.transfer.shm import shm_path as make_shm_path
 
             shm_path = make_shm_path(f"{os.getpid()}-{args.cache_queue_port}")
-        self.engine = LLMEngine(config, kv_cache_shm_path=shm_path)
+        shared = _mapped_weights(args) if args.weights_from is not None else None
+        self.engine = LLMEngine(config, kv_cache_shm_path=shm_path, shared_weights=shared)
+        self._weights_offer: WeightsOffer | None = None
         self.metrics.watch(self.engine.scheduler, self.engine.kv_cache.num_bytes // self.engine.kv_cache.num_blocks)
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         self.zmq = zmq.Context()
@@ -189,6 +192,15 @@ class Instance:
             vocab_size=self.engine.model_config.vocab_size, scheduler="splitwise" if self.splitwise else "",
         )
 
+    def weights_offer(self) -> WeightsOffer:
+        """How an instance starting on this GPU maps this one's weights (computed once)."""
+        if self._weights_offer is None:
+            try:
+                self._weights_offer = WeightsOffer(self.engine.export_weights())
+            except (PdlabError, RuntimeError) as e:
+                self._weights_offer = WeightsOffer(error=f"{self.instance_id} cannot share its weights: {e}")
+        return self._weights_offer
+
     def stop(self, *_) -> None:
         self._stopping = True
 
@@ -293,6 +305,8 @@ class Instance:
     def _on_ewq(self, identity: bytes, message, rest, sock: zmq.Socket | None = None) -> None:
         if isinstance(message, Ping):
             (sock or self.ewq).send_multipart([identity, encode(self.pong())])
+        elif isinstance(message, WeightsRequest):
+            (sock or self.ewq).send_multipart([identity, encode(self.weights_offer())])
         elif self.router is not None and isinstance(message, GenerateRequest):
             self.router.on_generate(identity, message)
         elif self.router is not None and isinstance(message, AbortRequest):
@@ -333,6 +347,21 @@ def _splitwise_config(args: argparse.Namespace):
                            expire_s=args.scheduler_expire_s, dispatch=args.scheduler_dispatch)
 
 
+def _mapped_weights(args: argparse.Namespace):
+    """--weights-from: the weights of the instance at that port on this machine, to map instead of loading."""
+    from pdlab.cluster.client import fetch_weights
+
+    endpoint = f"tcp://{_advertised(args.host)}:{args.weights_from}"
+    log.info("waiting for the instance at %s to offer its weights", endpoint)
+    offer = fetch_weights(endpoint, args.weights_timeout_s, cluster_token(args.cluster_token))
+    if offer is None:
+        raise ConfigError(f"--weights-from {args.weights_from}: no instance answered at {endpoint} within "
+                          f"{args.weights_timeout_s:g} s")
+    if offer.weights is None:
+        raise ConfigError(f"--weights-from {args.weights_from}: {offer.error}")
+    return offer.weights
+
+
 def _wants_cuda(device: str) -> bool:
     if device == "auto":
         import torch
@@ -346,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     follow_parent()  # started by pdlab (a runner, an api_server): SIGTERM when that process ends
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    apply_sm_percentage(args.sm_percentage)  # before anything touches CUDA
     try:
         instance = Instance(args)
     except PdlabError as e:

@@ -3,11 +3,11 @@
 Grouped by the port that receives them:
 - an instance's engine-worker-queue port: `GenerateRequest`, `AbortRequest`,
   `Ping` (from clients), `PrefillTask`, `AbortPrefill`, `KVAck` (from a decode
-  instance);
+  instance), `WeightsRequest` (from an instance starting on the same GPU);
 - a decode instance's cache-queue port: `KVLayer` (tcp transport data,
   followed by the raw bytes as a second frame), `PrefillDone`, `PrefillFailed`
   (from a prefill instance);
-- a client: `RequestUpdate`, `Pong`.
+- a client: `RequestUpdate`, `Pong`, `WeightsOffer`.
 `encode`/`decode` handle every type; decoding validates types and rejects
 anything else with `MessageError`.
 """
@@ -19,6 +19,7 @@ import typing
 
 import msgspec
 
+from pdlab.engine.weight_refs import SharedWeights
 from pdlab.sampling_params import SamplingParams
 
 
@@ -202,9 +203,18 @@ class Pong(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     scheduler: str = ""  # "splitwise": requests to this instance are routed through the global scheduler
 
 
+class WeightsRequest(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """From an instance starting on the same GPU: how to map this instance's weights."""
+
+
+class WeightsOffer(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    weights: SharedWeights | None = None
+    error: str = ""  # why there is none (e.g. the weights are not on a GPU)
+
+
 Message = (
     GenerateRequest | AbortRequest | Ping | PrefillTask | AbortPrefill | KVAck
-    | KVLayer | PrefillDone | PrefillFailed | RequestUpdate | Pong
+    | KVLayer | PrefillDone | PrefillFailed | RequestUpdate | Pong | WeightsRequest | WeightsOffer
 )
 
 _encoder = msgspec.msgpack.Encoder()

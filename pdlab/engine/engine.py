@@ -12,8 +12,10 @@ import torch
 from pdlab.engine.attention import resolve_attention_backend
 from pdlab.engine.config import EngineConfig
 from pdlab.engine.kv_cache import KVCache
+from pdlab.engine.memory import MemoryPlan
 from pdlab.engine.model_runner import ModelRunner, PushPlan
 from pdlab.engine.outputs import RequestOutput
+from pdlab.engine.shared_weights import SharedWeights, export_weights, map_weights
 from pdlab.errors import ConfigError, InvalidRequestError
 from pdlab.models.config import ModelConfig
 from pdlab.models.load import load_model, resolve_device, resolve_dtype
@@ -30,26 +32,35 @@ log = logging.getLogger("pdlab.engine")
 
 CPU_KV_CACHE_BYTES = 512 << 20
 MAX_DEFAULT_MODEL_LEN = 8192
-ACTIVATION_RESERVE_BYTES = 2 << 30
 
 
 def build_executor(config: EngineConfig, source, device: torch.device, dtype: torch.dtype, tp=None,
-                   kv_cache_shm_path: str | None = None) -> tuple[Transformer, KVCache, ModelRunner, int]:
+                   kv_cache_shm_path: str | None = None, shared_weights: SharedWeights | None = None,
+                   ) -> tuple[Transformer, KVCache, ModelRunner, int]:
     """What every tensor-parallel rank holds: (its model shard, its KV cache, the runner, max_model_len).
 
     Every rank sizes its cache from its own memory; with tensor parallelism they
     agree on the smallest. The engine (rank 0) and `tp_worker` both call this.
+    `shared_weights`: map another instance's weights on this GPU instead of loading them.
     """
-    model = load_model(source, dtype, device, config.seed, config.quantization, tp)
+    if shared_weights is None:
+        model = load_model(source, dtype, device, config.seed, config.quantization, tp)
+    else:
+        model = map_weights(shared_weights, source.config, dtype, device, source.location, config.quantization)
     max_model_len = config.max_model_len or min(source.config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
-    num_blocks = kv_cache_blocks(config, model.local_config, dtype, device)
+    plan = memory_plan(config, device, shared_weights)
+    num_blocks = kv_cache_blocks(config, model.local_config, dtype, plan)
     if tp is not None:
         num_blocks = tp.agree_min(num_blocks)
     if num_blocks * config.block_size < max_model_len:
-        raise ConfigError(
-            f"the KV cache ({num_blocks} blocks of {config.block_size} tokens) cannot hold one sequence of "
-            f"max_model_len={max_model_len} tokens: give it more memory or lower max_model_len"
-        )
+        what = f"one sequence of max_model_len={max_model_len} tokens"
+        if plan is not None:
+            need = KVCache.bytes_per_block(model.local_config, config.block_size, dtype) * -(-max_model_len // config.block_size)
+            raise ConfigError(plan.too_small(need, what))
+        raise ConfigError(f"the KV cache ({num_blocks} blocks of {config.block_size} tokens) cannot hold {what}: "
+                          f"give it more memory or lower max_model_len")
+    if plan is not None:
+        log.info(plan.describe())
     graphs = device.type == "cuda" and not config.enforce_eager
     kv_cache = KVCache(model.local_config, num_blocks, config.block_size, dtype, device, kv_cache_shm_path,
                        scratch_block=graphs)
@@ -59,19 +70,30 @@ def build_executor(config: EngineConfig, source, device: torch.device, dtype: to
     return model, kv_cache, runner, max_model_len
 
 
-def kv_cache_blocks(config: EngineConfig, local_config: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
-    """KV blocks of `config.block_size` tokens this process's cache gets (its KV heads only)."""
+def memory_plan(config: EngineConfig, device: torch.device, shared_weights: SharedWeights | None = None
+                ) -> MemoryPlan | None:
+    """This instance's share of its GPU, counted from its own allocations (None: not sized from GPU memory)."""
+    if device.type != "cuda" or config.num_blocks is not None or config.kv_cache_memory_bytes is not None:
+        return None
+    if not 0 < config.gpu_memory_utilization <= 1:
+        raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {config.gpu_memory_utilization}")
+    free, total = torch.cuda.mem_get_info(device)
+    return MemoryPlan(total_bytes=total, free_bytes=free, share=config.gpu_memory_utilization,
+                      own_bytes=torch.cuda.memory_reserved(device),
+                      mapped_bytes=shared_weights.num_bytes if shared_weights is not None else 0)
+
+
+def kv_cache_blocks(config: EngineConfig, local_config: ModelConfig, dtype: torch.dtype,
+                    plan: MemoryPlan | None = None) -> int:
+    """KV blocks of `config.block_size` tokens this process's cache gets (its KV heads only): `num_blocks`,
+    or what `kv_cache_memory_bytes`, the GPU memory `plan`, or the CPU default leaves."""
     if config.block_size <= 0:
         raise ConfigError(f"block_size must be > 0, got {config.block_size}")
     if config.num_blocks is not None:
         return config.num_blocks
     budget = config.kv_cache_memory_bytes
-    if budget is None and device.type == "cuda":
-        # What the card may use, less what is taken now (weights) and a reserve for activations.
-        free, total = torch.cuda.mem_get_info(device)
-        budget = max(0, int(total * config.gpu_memory_utilization) - (total - free) - ACTIVATION_RESERVE_BYTES)
-    elif budget is None:
-        budget = CPU_KV_CACHE_BYTES
+    if budget is None:
+        budget = plan.kv_cache_bytes if plan is not None else CPU_KV_CACHE_BYTES
     return KVCache.num_blocks_for_budget(local_config, config.block_size, dtype, budget)
 
 
@@ -90,12 +112,15 @@ def scheduler_config(config: EngineConfig, max_model_len: int) -> SchedulerConfi
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig, clock: Callable[[], float] = time.monotonic, kv_cache_shm_path: str | None = None
+        self, config: EngineConfig, clock: Callable[[], float] = time.monotonic, kv_cache_shm_path: str | None = None,
+        shared_weights: SharedWeights | None = None,
     ) -> None:
         """Load the model and size the KV cache (this reads weight files and allocates memory).
 
         `kv_cache_shm_path` puts a CPU KV cache in that shared-memory file (the
-        decode side of the `ipc` transport on a machine without GPUs). With
+        decode side of the `ipc` transport on a machine without GPUs).
+        `shared_weights` (from another instance's `export_weights`, on the same GPU):
+        map that instance's weights instead of loading a copy. With
         `tensor_parallel_size` > 1 this process is rank 0 and starts the others
         (pdlab/engine/parallel.py); `close` stops them.
         """
@@ -117,8 +142,10 @@ class LLMEngine:
             self.tp = parallel.start(config, self.device, kv_cache_shm_path)
             self.device = self.tp.device
         try:
+            if shared_weights is not None and self.tp is not None:
+                raise ConfigError("weights are shared between instances only without tensor parallelism")
             self.model, self.kv_cache, self.runner, max_model_len = build_executor(
-                config, self.source, self.device, self.dtype, self.tp, kv_cache_shm_path)
+                config, self.source, self.device, self.dtype, self.tp, kv_cache_shm_path, shared_weights)
             self.scheduler_config = scheduler_config(config, max_model_len)
         except BaseException:
             self.close()
@@ -155,6 +182,12 @@ class LLMEngine:
             self.scheduler.abort(rid, self.clock())
         self._logprobs.clear()
         log.info("warm-up steps: %.2f s", time.perf_counter() - start)
+
+    def export_weights(self) -> SharedWeights:
+        """What another instance on this GPU needs to map this one's weights (`shared_weights`)."""
+        if self.tp is not None:
+            raise ConfigError("weights are shared between instances only without tensor parallelism")
+        return export_weights(self.model, self.source.location, self.config.quantization)
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks, if any (idempotent)."""

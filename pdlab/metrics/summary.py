@@ -108,7 +108,24 @@ def summarize(
     summary["num_meeting_slo"] = num_good if has_slo else None
     summary["slo_attainment"] = num_good / len(records) if has_slo and records else None
     summary["goodput_rps"] = per_s(num_good) if has_slo else None
+    summary.update(start_check(records))
     return summary
+
+
+SLOW_START_RATIO = 1.5
+
+
+def start_check(records: Sequence[RequestRecord]) -> dict[str, float | bool | None]:
+    """The TTFT p50 of the first tenth of the completed requests (by arrival) against the rest's, and
+    whether the first tenth was slower by SLOW_START_RATIO: a deployment still compiling kernels or
+    growing its allocator when the run began shows up there. None with fewer than 20 requests."""
+    done = sorted((r for r in records if r.ok), key=lambda r: r.arrival_s)
+    if len(done) < 20:
+        return {"first_tenth_ttft_p50_ms": None, "rest_ttft_p50_ms": None, "slow_start": None}
+    n = len(done) // 10
+    first = float(np.median([r.ttft_s for r in done[:n]])) * 1e3
+    rest = float(np.median([r.ttft_s for r in done[n:]])) * 1e3
+    return {"first_tenth_ttft_p50_ms": first, "rest_ttft_p50_ms": rest, "slow_start": first > SLOW_START_RATIO * rest}
 
 
 def summary_table(summaries: Mapping[str, Mapping[str, float | int | None]]) -> pd.DataFrame:

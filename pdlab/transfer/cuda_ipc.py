@@ -6,7 +6,7 @@ peer access while its own GPU is current (opening it through PyTorch's IPC
 rebuild maps it on the exporter's GPU, and a kernel on the importer's GPU then
 faults) and launches, for every layer, one kernel on its own GPU that copies
 the request's scattered blocks straight into the decode cache through NVLink.
-Copying block by block from Python runs at 1-2 GB/s (DESIGN.md); one kernel
+Copying block by block from Python runs at 1-2 GB/s; one kernel
 over all blocks of a layer runs near the link's bandwidth.
 
 The kernels run on a side stream that waits for the layer's KV to be written,
@@ -15,7 +15,6 @@ so the transfer overlaps the rest of the forward pass; `flush` waits for them.
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 import torch
@@ -23,70 +22,11 @@ import triton
 import triton.language as tl
 
 from pdlab.cluster.messages import KVDescriptor
+from pdlab.engine.cuda_handles import (
+    IPC_HANDLE_BYTES, CudaIpcError, close_handle, enable_peer_access, export_handle, open_handle,
+)
 from pdlab.engine.kv_cache import KVCache
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError
-
-IPC_HANDLE_BYTES = 64
-CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
-
-
-class _IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * IPC_HANDLE_BYTES)]
-
-
-_libcuda = None
-
-
-def _cuda():
-    global _libcuda
-    if _libcuda is None:
-        _libcuda = ctypes.CDLL("libcuda.so.1")
-    return _libcuda
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        name = ctypes.c_char_p()
-        _cuda().cuGetErrorName(result, ctypes.byref(name))
-        raise TransferError(f"{what} failed: {name.value.decode() if name.value else result}")
-
-
-def export_handle(tensor: torch.Tensor) -> tuple[bytes, int]:
-    """(IPC handle of the allocation holding `tensor`, `tensor`'s byte offset in it)."""
-    torch.cuda.set_device(tensor.device)
-    ptr = ctypes.c_uint64(tensor.data_ptr())
-    base, size = ctypes.c_uint64(), ctypes.c_size_t()
-    _check(_cuda().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange")
-    handle = _IpcHandle()
-    _check(_cuda().cuIpcGetMemHandle(ctypes.byref(handle), base), "cuIpcGetMemHandle")
-    return ctypes.string_at(ctypes.addressof(handle), IPC_HANDLE_BYTES), tensor.data_ptr() - base.value
-
-
-def open_handle(handle: bytes, device: torch.device) -> int:
-    """Map another process's allocation into this one, for kernels on `device`; returns its address."""
-    torch.cuda.set_device(device)
-    torch.cuda.current_stream(device).synchronize()  # makes the primary context current on this thread
-    h = _IpcHandle()
-    ctypes.memmove(ctypes.addressof(h), handle, IPC_HANDLE_BYTES)  # c_char arrays stop at NUL; copy raw
-    ptr = ctypes.c_uint64()
-    _check(_cuda().cuIpcOpenMemHandle_v2(ctypes.byref(ptr), h, ctypes.c_uint(CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)),
-           "cuIpcOpenMemHandle")
-    return ptr.value
-
-
-def enable_peer_access(device: torch.device, peer: int) -> None:
-    """Let kernels on `device` reach `peer`'s memory (needed inside one process only)."""
-    if device.index == peer:
-        return
-    torch.cuda.set_device(device)
-    torch.cuda.current_stream(device).synchronize()
-    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-    _check(_cuda().cuDeviceGet(ctypes.byref(dev), peer), "cuDeviceGet")
-    _check(_cuda().cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
-    result = _cuda().cuCtxEnablePeerAccess(ctx, ctypes.c_uint(0))
-    if result not in (0, 704):  # 704: already enabled
-        _check(result, "cuCtxEnablePeerAccess")
-
 
 @triton.jit
 def _copy_blocks_kernel(src_ptr, dst_addr_ptr, src_ids_ptr, dst_ids_ptr, first_layer, src_num_blocks, dst_num_blocks,
@@ -127,14 +67,17 @@ class CudaIpcSender(KVSender):
     def __init__(self, local: KVCache, dst: KVDescriptor, socket) -> None:
         super().__init__(local, dst, socket)
         self.device = local.kv.device
-        if dst.ipc_pid == os.getpid():
-            enable_peer_access(self.device, dst.ipc_device)
-            address = dst.ipc_ptr
-        elif len(dst.ipc_handle) == IPC_HANDLE_BYTES:
-            address = open_handle(dst.ipc_handle, self.device) + dst.ipc_offset
-            self._mapped = address - dst.ipc_offset
-        else:
-            raise TransferError(f"decode instance {dst.instance_id} offers no CUDA IPC handle for ipc")
+        try:
+            if dst.ipc_pid == os.getpid():
+                enable_peer_access(self.device, dst.ipc_device)
+                address = dst.ipc_ptr
+            elif len(dst.ipc_handle) == IPC_HANDLE_BYTES:
+                address = open_handle(dst.ipc_handle, self.device) + dst.ipc_offset
+                self._mapped = address - dst.ipc_offset
+            else:
+                raise TransferError(f"decode instance {dst.instance_id} offers no CUDA IPC handle for ipc")
+        except CudaIpcError as e:
+            raise TransferError(f"decode instance {dst.instance_id}: {e}") from None
         self.dst_addr = torch.tensor([address], dtype=torch.int64, device=self.device)
         self.stream = torch.cuda.Stream(self.device)
         self._keep: list[torch.Tensor] = []  # index tensors in use by queued kernels
@@ -171,7 +114,7 @@ class CudaIpcSender(KVSender):
         self.flush()
         mapped = getattr(self, "_mapped", None)
         if mapped is not None:
-            _cuda().cuIpcCloseMemHandle(ctypes.c_uint64(mapped))
+            close_handle(mapped)
             self._mapped = None
 
 

@@ -26,11 +26,14 @@ from pdlab.cluster.messages import (
     PrefillTask,
     RequestUpdate,
     SamplingMsg,
+    WeightsOffer,
+    WeightsRequest,
     decode,
     encode,
     sampling_from_msg,
     sampling_to_msg,
 )
+from pdlab.engine.weight_refs import QuantizedRef, SharedWeights, TensorRef
 from pdlab.errors import InvalidRequestError
 from pdlab.sampling_params import SamplingParams
 
@@ -63,6 +66,11 @@ EXAMPLES = [
     Pong("decode-1", role="decode", model="SmolLM2-135M", num_blocks=4096, num_free_blocks=4000, num_running=3,
          num_waiting=2, num_held=1, incarnation="7f3a", dtype="bfloat16", device="cuda:0", block_size=16,
          max_model_len=8192, vocab_size=49152, scheduler="splitwise"),
+    WeightsRequest(),
+    WeightsOffer(SharedWeights(
+        model="llama3-8b", dtype="bfloat16", quantization="wint4", device_uuid="GPU-1234", handles=[bytes(range(64))],
+        allocation_bytes=[1 << 30], tensors=[TensorRef("layers.0.o_proj.qweight", "uint8", [4096, 2048], 0, 512)],
+        quantized=[QuantizedRef("layers.0.o_proj", "wint4", [4096, 4096], "bfloat16")]), error="not on a GPU"),
 ]
 EXAMPLE = {type(m): m for m in EXAMPLES}
 

@@ -42,7 +42,10 @@ MAX_SPLITS = 32
 PROGRAMS_PER_SM = 2  # aim for this many decode programs per SM
 
 
-@triton.jit
+# Integers that change from step to step (the block table's width, the split length) are not specialized on
+# (divisible by 16 or not): each specialization is another compilation, of ~1 s, in the middle of serving.
+@triton.jit(do_not_specialize=["split_len", "stride_bt", "stride_mob", "stride_moh", "stride_mos", "stride_mlb",
+                               "stride_mlh"])
 def _decode_kernel(
     Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, Rows,
     qk_scale, split_len,  # qk_scale: the softmax scale times log2(e)
@@ -117,7 +120,7 @@ def _decode_kernel(
         tl.store(MidLse + seq * stride_mlb + heads * stride_mlh + split, lse, mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_mob", "stride_moh", "stride_mos", "stride_mlb", "stride_mlh"])
 def _decode_merge_kernel(
     MidO, MidLse, Out, Rows, num_splits,
     stride_mob, stride_moh, stride_mos,
@@ -181,7 +184,7 @@ def _prefill_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     Q, K, V, Out, BlockTable, QStart, QLen, SeqLen,
     qk_scale,
