@@ -13,8 +13,9 @@ STAMP := $(VENV)/.installed
 demo: $(STAMP)
 	$(PY) -m pdlab.run experiments/quickstart.yaml
 
+# -rs: why each skipped test skipped (no GPU, no redis-server, ...)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 notebook: $(STAMP)
 	$(PIP) install -e ".[notebooks]"

@@ -16,7 +16,8 @@
 Every mistake (a YAML syntax error, an unknown key, a wrong type or value, a
 missing file) raises one `ConfigError` whose message names the file, the line
 and the field, e.g. `experiments/x.yaml:7: workload.arrival.rate_rps: Input
-should be greater than 0`. Relative paths inside the file (`workload.trace`)
+should be greater than 0`, or the override that made it (`--set
+workload.num_request=8: unknown key (did you mean num_requests?)`). Relative paths inside the file (`workload.trace`)
 are relative to the working directory, like every path on the command line.
 """
 
@@ -41,7 +42,7 @@ from pydantic import (
 from pdlab.errors import ConfigError
 from pdlab.sampling_params import SamplingParams
 from pdlab.workload.config import WorkloadSection
-from pdlab.yaml_config import Section, UniqueKeyLoader, apply_overrides, describe_error, line_of
+from pdlab.yaml_config import Section, UniqueKeyLoader, apply_overrides, describe_error, location, override_of
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]  # used in result paths
 
@@ -287,22 +288,28 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
         raise ConfigError(f"{where}: malformed YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    overrides = list(overrides)
     if overrides and isinstance(data, dict):
-        apply_overrides(data, list(overrides))
-    experiment = parse_experiment(data, str(path), text)
+        apply_overrides(data, overrides)
+    experiment = parse_experiment(data, str(path), text, overrides)
     trace = experiment.workload.trace
     if trace is not None and not trace.is_file():
-        line = line_of(text, ["workload", "trace"])
-        raise ConfigError(f"{path}{f':{line}' if line else ''}: workload.trace: no such file: {trace}")
+        keys = ["workload", "trace"]
+        override = override_of(keys, overrides)
+        blame = f"--set {override}" if override else f"{location(str(path), text, keys)}: workload.trace"
+        raise ConfigError(f"{blame}: no such file: {trace}")
     return experiment
 
 
-def parse_experiment(data: Any, source: str = "<experiment>", text: str | None = None) -> Experiment:
-    """Validate already-parsed settings; `text`, the YAML they came from, adds line numbers to errors."""
+def parse_experiment(data: Any, source: str = "<experiment>", text: str | None = None,
+                     overrides: list[str] = ()) -> Experiment:
+    """Validate already-parsed settings; `text`, the YAML they came from, adds line numbers to errors, and
+    an error in what one of `overrides` (`dotted.key=value`, applied to `data` already) set names it."""
     if not isinstance(data, dict):
         got = "an empty document" if data is None else f"a {type(data).__name__}"
         raise ConfigError(f"{source}: expected a mapping of settings (name, workload, ...) at the top level, got {got}")
     try:
         return Experiment.model_validate(data)
     except ValidationError as e:
-        raise ConfigError("\n".join(describe_error(err, Experiment, source, text) for err in e.errors())) from None
+        raise ConfigError("\n".join(describe_error(err, Experiment, source, text, list(overrides))
+                                     for err in e.errors())) from None

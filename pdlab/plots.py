@@ -17,6 +17,7 @@ from matplotlib.ticker import MaxNLocator
 from pdlab.metrics.records import RequestRecord
 
 Runs = Mapping[str, Sequence[RequestRecord]]
+MAX_TIMELINE_REQUESTS = 300  # more rows than a figure's pixels blur into a band: draw every k-th request
 
 
 def _plot_cdf(ax, values_ms: Sequence[float], label: str) -> None:
@@ -46,16 +47,20 @@ def cdf_figure(runs: Runs, slo_ttft_s: float | None = None, slo_tpot_s: float | 
     return fig
 
 
-def timeline_figure(runs: Runs) -> Figure:
+def timeline_figure(runs: Runs, max_requests: int = MAX_TIMELINE_REQUESTS) -> Figure:
     """Per request (rows, in arrival order): waiting + prefill up to the first token, then decode.
 
-    Failed requests are drawn in red from arrival to their last known time.
+    Failed requests are drawn in red from arrival to their last known time. A run of more than
+    `max_requests` requests shows one in every k of them (its title says so).
     """
     fig = Figure(figsize=(5.5 * max(1, len(runs)), 4.5), layout="constrained")
     axes = fig.subplots(1, max(1, len(runs)), sharex=True, sharey=True, squeeze=False)[0]
     for ax, (name, records) in zip(axes, runs.items(), strict=False):
         ordered = sorted(records, key=lambda r: r.arrival_s)
-        rows = np.arange(len(ordered))
+        step = max(1, -(-len(ordered) // max_requests))  # ceil
+        title = name if step == 1 else f"{name} (1 in {step} of {len(ordered):,} requests)"
+        rows = np.arange(0, len(ordered), step)
+        ordered = ordered[::step]
         ok = np.array([r.ok for r in ordered], dtype=bool)
         arrival = np.array([r.arrival_s for r in ordered])
         first = np.array([np.nan if r.first_token_s is None else r.first_token_s for r in ordered])
@@ -67,7 +72,7 @@ def timeline_figure(runs: Runs) -> Figure:
             ax.hlines(rows[~ok], arrival[~ok], end[~ok], color="tab:red", linewidth=1.5, label="failed")
             ax.plot(end[~ok], rows[~ok], "x", color="tab:red")
         ax.plot(arrival, rows, "|", color="black", markersize=4, label="arrival")
-        ax.set(title=name, xlabel="time since start (s)")
+        ax.set(title=title, xlabel="time since start (s)")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("request (arrival order)")

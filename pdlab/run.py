@@ -24,11 +24,21 @@ from pdlab.metrics.records import RequestRecord, records_to_frame
 from pdlab.metrics.summary import summarize, summary_table
 from pdlab.workload.workload import RequestSpec, make_workload
 
-TABLE_ROWS = [
-    "num_completed", "request_throughput_rps", "output_throughput_tokens_per_s",
-    "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms", "tpot_p99_ms",
-    "e2e_p50_ms", "e2e_p90_ms", "slo_attainment", "goodput_rps",
-]
+# The printed table: summary metric -> the name a reader sees, with its unit (the sweep's columns too).
+TABLE_ROWS = {
+    "num_completed": "completed requests",
+    "request_throughput_rps": "throughput (req/s)",
+    "output_throughput_tokens_per_s": "output throughput (tokens/s)",
+    "ttft_p50_ms": "TTFT p50 (ms)", "ttft_p90_ms": "TTFT p90 (ms)", "ttft_p99_ms": "TTFT p99 (ms)",
+    "tpot_p50_ms": "TPOT p50 (ms)", "tpot_p90_ms": "TPOT p90 (ms)", "tpot_p99_ms": "TPOT p99 (ms)",
+    "e2e_p50_ms": "E2E latency p50 (ms)", "e2e_p90_ms": "E2E latency p90 (ms)",
+    "slo_attainment": "within SLOs (%)",
+    "goodput_rps": "goodput (req/s within SLOs)",
+}
+SWEEP_LABELS = {**TABLE_ROWS, "rate_rps": "rate (req/s)", "goodput_rps": "goodput (req/s)",
+                "slow_start": "slow start"}
+METRIC_LEGEND = ("TTFT: arrival to first token; TPOT: time per output token after the first; "
+                 "E2E: arrival to last token.")
 
 
 @dataclass
@@ -96,7 +106,7 @@ def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | N
                             tensor_parallel_size=run.tp("mixed", tp), prefill_tp=run.tp("prefill", tp),
                             decode_tp=run.tp("decode", tp), log_dir=log_dir, gpu_sharing=run.gpu_sharing,
                             sm_percentage=dict(run.sm_percentage), memory_share=dict(run.memory_share),
-                            share_weights=run.share_weights)
+                            share_weights=run.share_weights, progress=progress)
 
     def serve(at_rate: Experiment, desc: str) -> tuple[list[RequestSpec], list[RequestRecord], dict]:
         requests = build_requests(at_rate, tokenizer)
@@ -121,13 +131,18 @@ def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | N
 def run_sims(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> Iterator[RunResult]:
     """`run_sim` at every rate of the sweep."""
     for rate in exp.rates:
-        result = run_sim(exp.at_rate(rate), run, progress, log_dir)
+        desc = run.name if rate is None else f"{run.name} @ {rate:g} req/s"
+        result = run_sim(exp.at_rate(rate), run, progress, log_dir, desc=f"{desc} (simulated)")
         result.rate_rps = rate
         yield result
 
 
-def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None) -> RunResult:
-    """Serve the same request list in the SimPy model: the real scheduler, a roofline cost per step."""
+def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | None = None,
+            desc: str | None = None) -> RunResult:
+    """Serve the same request list in the SimPy model: the real scheduler, a roofline cost per step.
+    `progress`: a bar of the requests simulated so far (`desc` names it)."""
+    from tqdm.auto import tqdm
+
     from pdlab.models.source import resolve_model
     from pdlab.models.tokenizer import ByteTokenizer
     from pdlab.policy.devices import gpus_of
@@ -194,7 +209,10 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
                         num_decode=run.num_decode, decode_instance=instance("decode"), link=link,
                         kv_bytes_per_token=model.kv_bytes_per_token(2), num_layers=model.num_layers,
                         routing=run.routing, gpu_of=gpu_of)
-    records = [replace(r, mode=run.mode) for r in simulate(requests, layout, None, seed=exp.seed)]
+    with tqdm(total=len(requests), desc=desc or f"{run.name} (simulated)", disable=not progress, unit="req") as bar:
+        update = (lambda n: bar.update(n - bar.n)) if progress else None
+        simulated = simulate(requests, layout, None, seed=exp.seed, progress=update)
+    records = [replace(r, mode=run.mode) for r in simulated]
     return RunResult(run, records, _summarize(exp, records), backend="sim")
 
 
@@ -266,9 +284,11 @@ def check_model(exp: Experiment, runs: Sequence[RunSection]) -> None:
     """Fail now, with the model's error, if a run cannot find its model (every run would fail alike)."""
     backends = {backend for run in runs for backend in run.backends}
     if "real" in backends:
+        from pdlab.cluster.deploy import check_device
         from pdlab.models.source import resolve_model
 
         resolve_model(exp.model.name)
+        check_device(exp.instance_args())  # e.g. cuda asked for on a machine without it
     if "sim" in backends:
         from pdlab.sim.models import sim_model
 
@@ -365,19 +385,38 @@ def load_result(out_dir: str | Path) -> ExperimentResult:
 
 
 def format_report(result: ExperimentResult, max_texts: int = 3) -> str:
+    """The metrics table (readable names, units; metrics without a value left out), what its names and SLOs
+    mean, and the first answers of each run."""
+    from pdlab.metrics.summary import SLOW_START_RATIO
+
+    notes = [METRIC_LEGEND]
+    as_percent = {"slo_attainment": 100.0}
     if result.experiment.sweep is not None:  # one row per run, backend and rate
         sweep = result.sweep
-        table = sweep[[c for c in SWEEP_COLUMNS if c in sweep.columns]].to_string(
-            index=False, float_format=lambda v: f"{v:,.2f}")
+        frame = sweep[[c for c in SWEEP_COLUMNS if c in sweep.columns]].dropna(axis="columns", how="all")
+        frame = frame.assign(**{c: frame[c] * k for c, k in as_percent.items() if c in frame})
+        table = frame.rename(columns=SWEEP_LABELS).to_string(index=False, float_format=lambda v: f"{v:,.2f}")
+        if "slow_start" in frame:
+            notes.append(f"slow start: the first tenth of the requests had a TTFT p50 over {SLOW_START_RATIO:g}x "
+                         "the rest's.")
     else:
-        table = result.table.loc[[r for r in TABLE_ROWS if r in result.table.index]].to_string(
-            float_format=lambda v: f"{v:,.2f}")
-    lines = [table, ""]
-    for name, run in result.runs.items():
-        for rid, t in list(run.texts.items())[:max_texts]:
-            lines.append(f"[{name}] {t['prompt']!r}\n    -> {t['answer']!r}")
+        frame = result.table.loc[[r for r in TABLE_ROWS if r in result.table.index]].dropna(how="all")
+        for row, k in as_percent.items():
+            if row in frame.index:
+                frame.loc[row] *= k
+        table = frame.rename(index=TABLE_ROWS).rename_axis(None).to_string(float_format=lambda v: f"{v:,.2f}")
+    slo = result.experiment.slo
+    limits = [f"{name} <= {ms:g} ms" for name, ms in (("TTFT", slo.ttft_ms), ("TPOT", slo.tpot_ms)) if ms]
+    notes.append(f"SLOs judged against: {' and '.join(limits)} (goodput and 'within SLOs' count the requests that "
+                 f"met {'both' if len(limits) == 2 else 'it'})" if limits
+                 else "No SLOs set (slo.ttft_ms, slo.tpot_ms): goodput not judged.")
+    lines = [table, "", *notes]
+    texts = [f"[{name}] {t['prompt']!r}\n    -> {t['answer']!r}"
+             for name, run in result.runs.items() for t in list(run.texts.values())[:max_texts]]
+    if texts:
+        lines += ["", *texts]
     if result.out_dir is not None:
-        lines.append(f"\nresults written to {result.out_dir}/")
+        lines += ["", f"results written to {result.out_dir}/"]
     return "\n".join(lines)
 
 

@@ -2,7 +2,9 @@
 
 Nothing here knows a particular schema: `describe_error` turns one pydantic
 error into `file:line: dotted.field: message`, with "did you mean" for a
-misspelt key and the allowed values of a tagged union's `kind`.
+misspelt key and the allowed values of a tagged union's `kind`; an error in
+what a command-line override set names the override instead of the file
+(`--set workload.num_request=8: unknown key (did you mean num_requests?)`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. workload.num_requests=8")
+            raise ConfigError(f"--set {item}: expected dotted.key=value, e.g. workload.num_requests=8")
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -42,12 +44,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, (dict, list)):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
+                raise ConfigError(f"--set {item}: {part} is not a section")
             node = child
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
+            raise ConfigError(f"--set {item}: the value is not valid YAML: {e}".splitlines()[0]) from None
         if isinstance(node, list):
             node[_index(node, parts[-1], item)] = value
         else:
@@ -57,14 +59,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _index(items: list, part: str, override: str) -> int:
     if not part.isdigit() or int(part) >= len(items):
-        raise ConfigError(f"override {override!r}: {part} is not an index of a list of {len(items)}")
+        raise ConfigError(f"--set {override}: {part} is not an index of a list of {len(items)}")
     return int(part)
 
 
 def _item(items: list, part: str, override: str):
     child = items[_index(items, part, override)]
     if not isinstance(child, (dict, list)):
-        raise ConfigError(f"override {override!r}: item {part} is not a section")
+        raise ConfigError(f"--set {override}: item {part} is not a section")
     return child
 
 
@@ -86,7 +88,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def describe_error(err: dict, root: type[BaseModel], source: str, text: str | None) -> str:
+def describe_error(err: dict, root: type[BaseModel], source: str, text: str | None, overrides: list[str] = ()) -> str:
+    """`source:line: field: message`, or `--set key=value: message` when one of `overrides` set the field."""
     keys, target = _resolve(root, err["loc"])
     kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
@@ -103,9 +106,32 @@ def describe_error(err: dict, root: type[BaseModel], source: str, text: str | No
         msg += f"; expected one of {tags}"
     elif not isinstance(err.get("input"), (dict, list, tuple)) and "input" in err:
         msg += f" (got {err['input']!r})"
-    line = line_of(text, keys) if text is not None else None
     field = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".")
-    return f"{source}{f':{line}' if line else ''}: {field or '(top level)'}: {msg}"
+    override = override_of(keys, overrides, msg)
+    if override is not None:
+        same = override.partition("=")[0].split(".") == [str(k) for k in keys]
+        return f"--set {override}: {msg}" if same else f"--set {override}: {field or '(top level)'}: {msg}"
+    return f"{location(source, text, keys)}: {field or '(top level)'}: {msg}"
+
+
+def location(source: str, text: str | None, keys: list) -> str:
+    """`source:line` of the field at `keys` (just `source` where the line is unknown)."""
+    line = line_of(text, keys) if text is not None else None
+    return f"{source}{f':{line}' if line else ''}"
+
+
+def override_of(keys: list, overrides: list[str], message: str = "") -> str | None:
+    """The last of `overrides` (`dotted.key=value`) that set the field at `keys` or a section around it, set
+    a field inside the section at `keys` (whose check then failed), or whose key the error `message` names
+    (a check across sections); None if the file alone is to blame."""
+    path = [str(k) for k in keys]
+    for item in reversed(overrides):
+        key = item.partition("=")[0]
+        parts = key.split(".")
+        common = min(len(parts), len(path))
+        if (common and parts[:common] == path[:common]) or key in message:
+            return item
+    return None
 
 
 def _resolve(root: type[BaseModel], loc: tuple) -> tuple[list, Any]:

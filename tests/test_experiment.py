@@ -209,3 +209,34 @@ def test_workload_metrics_experiment_and_plots_are_torch_free():
     code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["workload.num_request=8"], "--set workload.num_request=8: unknown key (did you mean num_requests?)"),
+        (["workload.num_requests=-3"], "--set workload.num_requests=-3: Input should be greater than 0 (got -3)"),
+        (["worklod.num_requests=8"], "--set worklod.num_requests=8: worklod: unknown key (did you mean workload?)"),
+        (["workload.prompt_len={kind: fixed, tokens: 8, tokns: 2}"],
+         "--set workload.prompt_len={kind: fixed, tokens: 8, tokns: 2}: workload.prompt_len.tokns: unknown key"),
+        # a check across sections: the override it names
+        (["engine.max_model_len=10"],
+         "--set engine.max_model_len=10: workload: requests can need up to 16 prompt + output tokens"),
+        (["seed=1", "workload.trace=nowhere.csv"], "--set workload.trace=nowhere.csv: no such file: nowhere.csv"),
+        (["workload.num_requests"], "--set workload.num_requests: expected dotted.key=value"),
+        (["runs.3.name=x"], "--set runs.3.name=x: 3 is not an index of a list of 1"),
+    ],
+)
+def test_a_mistake_in_an_override_names_the_override_not_the_file(tmp_path, overrides, expected):
+    path = write(tmp_path, BASE + "runs: [{name: a}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path, overrides)
+    assert str(info.value).startswith(expected), str(info.value)
+    assert str(path) not in str(info.value)
+
+
+def test_a_mistake_in_the_file_still_names_the_file_beside_overrides(tmp_path):
+    path = write(tmp_path, BASE + "sampling: {top_p: 0}\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml:7: sampling\.top_p: Input should be greater than 0") as info:
+        load_experiment(path, ["workload.num_requests=8", "seed=3"])
+    assert "--set" not in str(info.value)

@@ -37,7 +37,7 @@ def test_quickstart_runs_end_to_end_and_writes_results(tmp_path, capsys):
     assert "Paris" in texts["colocated"]["req-0"]["answer"]
     assert texts["disaggregated"] == texts["colocated"]
     report = capsys.readouterr().out
-    assert "ttft_p50_ms" in report and "Paris" in report and "disaggregated" in report
+    assert "TTFT p50 (ms)" in report and "Paris" in report and "disaggregated" in report
     provenance = json.loads((out_dir / "provenance.json").read_text())
     assert provenance["experiment"]["workload"]["num_requests"] == 6 and provenance["versions"]["torch"]
 

@@ -22,19 +22,32 @@ Instances that share a GPU (a 1P1D pair on one card, say):
   `sm_percentage`);
 - hold one copy of the weights (`share_weights`): a decode instance on the
   same GPU as a prefill instance maps the prefill's weights (`--weights-from`).
+
+Lifetime: the instances end with the process that started them, however it
+ends; while they run, SIGTERM raises `Terminated` (a KeyboardInterrupt) in the
+main thread, so that `with` stops them as it does on Ctrl-C. Start-up prints a
+line per instance (`progress`), logs go to a temporary directory removed on
+`stop` (kept when an instance failed to start) unless `log_dir` is given, and
+`stop` warns when other processes kept the machine busy meanwhile (timings
+then mean little).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pdlab.cluster.launch import InstanceProcess, start_instance
+from pdlab.cluster.launch import InstanceProcess, LaunchError, interrupt_on_sigterm, start_instance
 from pdlab.cluster.mps import MpsDaemon, MpsError
 from pdlab.policy.devices import gpus_of
+from pdlab.provenance import LoadWatch, busy_warning
 
 Mode = Literal["colocated", "disaggregated"]
 GpuSharing = Literal["time", "mps"]
@@ -44,6 +57,14 @@ def cpu_threads(num_instances: int) -> int:
     """Threads of each of `num_instances` instances on a machine without GPUs: a share of the cores
     (more threads than cores, and OpenMP crawls)."""
     return max(1, (os.cpu_count() or 1) // num_instances)
+
+
+def check_device(engine_args: list[str]) -> None:
+    """Raise `ConfigError` now if the instances' `--device` names hardware this machine lacks."""
+    if "--device" in engine_args[:-1]:
+        from pdlab.models.load import resolve_device
+
+        resolve_device(engine_args[engine_args.index("--device") + 1])
 
 
 def _num_gpus() -> int:
@@ -66,9 +87,10 @@ class Deployment:
     tensor_parallel_size: int = 1  # colocated instances' GPUs
     prefill_tp: int = 1
     decode_tp: int = 1
-    log_dir: Path | None = None
+    log_dir: Path | None = None  # None: a temporary directory, removed on stop
     transfer_timeout_s: float = 30.0
     ready_timeout_s: float = 600.0
+    progress: bool = True  # a line on stderr as each instance is ready
     # Instances sharing a GPU (see the module's docstring); roles: "mixed", "prefill", "decode".
     gpu_sharing: GpuSharing = "time"
     sm_percentage: dict[str, int] = field(default_factory=dict)  # mps: a role's SM limit (default 100)
@@ -77,6 +99,10 @@ class Deployment:
     mps_per_context: bool = True  # the MPS daemon's per-context SM partitioning
     instances: list[InstanceProcess] = field(default_factory=list)
     mps: MpsDaemon | None = None
+    load: dict | None = None  # after stop: `LoadWatch.report()` of the deployment's lifetime
+    _undo_sigterm: Callable[[], None] | None = field(default=None, repr=False)
+    _temp_log_dir: Path | None = field(default=None, repr=False)
+    _load_watch: LoadWatch | None = field(default=None, repr=False)
 
     @property
     def roles(self) -> list[tuple[str, int]]:
@@ -132,16 +158,24 @@ class Deployment:
         return value
 
     def start(self) -> Deployment:
-        log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="pdlab-logs-"))
+        check_device(self.engine_args)  # a missing GPU fails now, not after the instances have started
         envs = self.placement()
         common = [*self.engine_args, "--cache-transfer-protocol", self.protocol,
                   "--transfer-timeout-s", str(self.transfer_timeout_s)]
+        self._load_watch = LoadWatch()
+        self._undo_sigterm = interrupt_on_sigterm()
         try:
+            if self.log_dir is None:
+                self._temp_log_dir = Path(tempfile.mkdtemp(prefix="pdlab-logs-"))
+            log_dir = self.log_dir or self._temp_log_dir
             if self.gpu_sharing == "mps":
                 if not _num_gpus():
                     raise MpsError("gpu_sharing mps needs a GPU; this machine has none visible")
                 self.mps = MpsDaemon(per_context=self.mps_per_context).start()
             prefills: list[tuple[InstanceProcess, dict[str, str]]] = []
+            self._say(f"starting {len(self.roles)} instance(s) of {self.model} "
+                      f"({', '.join(role for role, _ in self.roles)}); logs in {log_dir}")
+            start_s = time.monotonic()
             for (role, tp), env in zip(self.roles, envs):
                 args = [*common, *self.gpu_args(role, env, envs), "--tensor-parallel-size", str(tp)]
                 if role == "decode":
@@ -154,9 +188,13 @@ class Deployment:
                 self.instances.append(proc)
                 if role == "prefill":
                     prefills.append((proc, env))
-            for instance in self.instances:
+            for i, instance in enumerate(self.instances, start=1):
                 instance.wait_ready(self.ready_timeout_s)
-        except BaseException:
+                self._say(f"  {instance.role} instance {i}/{len(self.instances)} ready after "
+                          f"{time.monotonic() - start_s:.1f} s")
+        except BaseException as e:
+            if isinstance(e, LaunchError):
+                self._temp_log_dir = None  # kept: the error names the log that tells why
             self.stop()
             raise
         return self
@@ -170,11 +208,27 @@ class Deployment:
 
     def stop(self) -> None:
         """Stop the instances, decodes (which may map a prefill's weights) before prefills; then MPS, if started."""
+        if self._undo_sigterm is not None:  # a second SIGTERM while stopping ends this process (the instances follow)
+            self._undo_sigterm()
+            self._undo_sigterm = None
         for instance in reversed(self.instances):
             instance.stop()
         if self.mps is not None:
             self.mps.stop()
             self.mps = None
+        if self._load_watch is not None:
+            self.load = self._load_watch.report()
+            warning = busy_warning(self.load, f"the {self.mode} deployment of {self.model}")
+            if warning:
+                print(warning, file=sys.stderr)
+            self._load_watch = None
+        if self._temp_log_dir is not None:
+            shutil.rmtree(self._temp_log_dir, ignore_errors=True)
+            self._temp_log_dir = None
+
+    def _say(self, line: str) -> None:
+        if self.progress:
+            print(line, file=sys.stderr, flush=True)
 
     def __enter__(self) -> Deployment:
         return self.start()

@@ -36,6 +36,7 @@ from pdlab.cluster.metrics import InstanceMetrics
 from pdlab.cluster.protocols import usable_protocols
 from pdlab.engine.engine import LLMEngine
 from pdlab.errors import ConfigError, PdlabError
+from pdlab.lifetime import follow_parent
 from pdlab.policy.dispatch import instance_load
 
 log = logging.getLogger("pdlab.instance")
@@ -372,6 +373,7 @@ def _wants_cuda(device: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = add_instance_args(argparse.ArgumentParser(prog="python -m pdlab.cluster.instance", description=__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
+    follow_parent()  # started by pdlab (a runner, an api_server): SIGTERM when that process ends
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     apply_sm_percentage(args.sm_percentage)  # before anything touches CUDA
     try:

@@ -11,8 +11,8 @@ the LM head all-gathers the logits.
 Two process groups: the default one for tensors (NCCL on GPUs, gloo on
 CPUs) and a gloo group for the small per-step metadata, which the ranks need
 on the host (vLLM does the same). Rank r uses `cuda:r` of the devices the
-process sees (`CUDA_VISIBLE_DEVICES`). A worker dies with its rank 0
-(PR_SET_PDEATHSIG), and rank 0 ends the group on `close`.
+process sees (`CUDA_VISIBLE_DEVICES`). A worker ends with its rank 0, however
+that ends (`pdlab.lifetime`), and rank 0 ends the group on `close`.
 
 The ranks are on one machine and nothing of theirs listens beyond it: they
 meet through a file store in a private directory (a `tcp://` store listens on
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from pdlab.errors import ConfigError
+from pdlab.lifetime import child_env
 
 STEP_TIMEOUT = timedelta(hours=2)  # a worker waits this long for rank 0's next step
 STEP, CALL = 1, 2
@@ -169,7 +169,7 @@ def start(config, device: torch.device, kv_cache_shm_path: str | None = None) ->
     if sys.platform.startswith("linux"):
         for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             os.environ.setdefault(name, "lo")
-    env = {**os.environ}
+    env = child_env()
     if device.type == "cpu":  # the ranks share this process's cores: more threads than cores and OpenMP crawls
         per_rank = max(1, torch.get_num_threads() // size)
         torch.set_num_threads(per_rank)
@@ -180,8 +180,7 @@ def start(config, device: torch.device, kv_cache_shm_path: str | None = None) ->
                 "--init-method", init_method, "--device", device.type]
         if kv_cache_shm_path is not None:
             argv += ["--kv-cache-shm-path", rank_shm_path(kv_cache_shm_path, rank)]
-        workers.append(subprocess.Popen(argv, stdin=subprocess.PIPE, env=env, start_new_session=True,
-                                        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
+        workers.append(subprocess.Popen(argv, stdin=subprocess.PIPE, env=env, start_new_session=True))
     for proc in workers:
         proc.stdin.write(payload.encode())
         proc.stdin.close()
@@ -212,10 +211,3 @@ def check_workers(tp: TensorParallel | None) -> None:
     for rank, proc in enumerate(tp.workers, start=1):
         if proc.poll() is not None:
             raise RuntimeError(f"tensor-parallel rank {rank} exited with code {proc.returncode}")
-
-
-def _die_with_parent() -> None:
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -3,7 +3,7 @@
 Started by rank 0 (`pdlab.engine.parallel.start`), which writes the engine
 configuration to its stdin as JSON. It loads its shard of the model and of the
 KV cache (`build_executor`, as rank 0 does) and computes the steps rank 0
-broadcasts until it is told to stop; it dies with rank 0.
+broadcasts until it is told to stop; it ends with rank 0 (`pdlab.lifetime`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pdlab.engine import parallel
 from pdlab.engine.config import EngineConfig
 from pdlab.engine.engine import build_executor
 from pdlab.errors import PdlabError
+from pdlab.lifetime import follow_parent
 from pdlab.models.load import resolve_dtype
 from pdlab.models.source import resolve_model
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
     parser.add_argument("--kv-cache-shm-path", default=None, help="this rank's shared-memory KV cache (CPU ipc)")
     args = parser.parse_args(argv)
+    follow_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{args.rank}: %(message)s")
     config = EngineConfig(**json.loads(sys.stdin.read()))
     try:

@@ -13,7 +13,8 @@ random choices (the `power_of_two` and `fastdeploy` policies) draw from `seed`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import simpy
 
@@ -25,20 +26,29 @@ from pdlab.sim.cost import CostModel
 from pdlab.workload.workload import RequestSpec
 
 
+Progress = Callable[[int], None]  # called now and then with the number of requests ended so far
+EVENTS_PER_REPORT = 1000
+
+
 def simulate(
-    requests: Sequence[RequestSpec], layout: Layout, cost: CostModel | None, seed: int = 0, until_s: float | None = None
+    requests: Sequence[RequestSpec], layout: Layout, cost: CostModel | None, seed: int = 0,
+    until_s: float | None = None, progress: Progress | None = None,
 ) -> list[RequestRecord]:
     """Simulate `requests` on `layout`; one record per request, in the order given.
 
     `until_s` stops the clock early (requests still in flight get records
     without a finish time); by default the run goes until every request ends.
+    `progress(num_ended)` is called every thousand events (and at the end;
+    only at the end with `until_s`), e.g. a progress bar's update; it does not
+    change the run.
     """
-    records, _ = simulate_cluster(requests, layout, cost, seed, until_s)
+    records, _ = simulate_cluster(requests, layout, cost, seed, until_s, progress)
     return records
 
 
 def simulate_cluster(
-    requests: Sequence[RequestSpec], layout: Layout, cost: CostModel | None, seed: int = 0, until_s: float | None = None
+    requests: Sequence[RequestSpec], layout: Layout, cost: CostModel | None, seed: int = 0,
+    until_s: float | None = None, progress: Progress | None = None,
 ) -> tuple[list[RequestRecord], SimCluster]:
     """`simulate`, also returning the cluster (instances, links, step counts) for inspection."""
     env = simpy.Environment()
@@ -46,7 +56,17 @@ def simulate_cluster(
     objects: dict[str, Request] = {}
     errors: dict[str, str] = {}
     env.process(_arrivals(env, cluster, requests, objects, errors))
-    env.run(until=until_s)
+    if progress is None or until_s is not None:
+        env.run(until=until_s)
+    else:  # env.run(), one event at a time
+        num_events = 0
+        while env.peek() < math.inf:
+            env.step()
+            num_events += 1
+            if num_events % EVENTS_PER_REPORT == 0:
+                progress(len(errors) + sum(len(e.finished) for e in cluster.entries))
+    if progress is not None:
+        progress(len(errors) + sum(len(e.finished) for e in cluster.entries))
     return [_record(spec, objects.get(spec.request_id), errors.get(spec.request_id), layout.mode)
             for spec in requests], cluster
 

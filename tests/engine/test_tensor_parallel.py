@@ -7,14 +7,20 @@ log-probabilities agree to 1e-4. The same on GPUs (NCCL, bf16) needs two GPUs: t
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from pdlab import LLM, SamplingParams
 from pdlab.errors import ConfigError
+from pdlab.lifetime import GRACE_S, POLL_S
 from pdlab.models.presets import PRESETS
 from pdlab.models.sharding import Shard
+from tests.test_lifetime import alive, gone_within
 
 ENGINE = dict(device="cpu", max_model_len=256, max_num_batched_tokens=32, num_blocks=128, block_size=8)
 
@@ -75,3 +81,22 @@ def test_shards_partition_every_weight():
     assert shards[1].vocab.stop >= c.vocab_size
     local = shards[0].local_config()
     assert (local.num_heads, local.num_kv_heads, local.head_dim, local.hidden_size) == (2, 1, 32, c.hidden_size)
+
+
+def test_a_worker_ends_with_its_rank_0_killed_mid_run():
+    """kill -9 of rank 0 leaves it no chance to stop its workers: they follow it by themselves (pdlab.lifetime)."""
+    code = ("import time; from pdlab import LLM\n"
+            f"llm = LLM('tiny', tensor_parallel_size=2, **{ENGINE!r})\n"
+            "print(*(p.pid for p in llm.engine.tp.workers), flush=True); time.sleep(600)")
+    rank0 = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        worker = int(rank0.stdout.readline())
+        rank0.send_signal(signal.SIGKILL)
+        rank0.wait(10)
+        assert gone_within(worker, POLL_S + GRACE_S + 10.0), "a tensor-parallel worker outlived its rank 0"
+    finally:
+        rank0.kill()
+        rank0.stdout.close()
+        if worker is not None and alive(worker):
+            os.kill(worker, signal.SIGKILL)

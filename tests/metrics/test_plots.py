@@ -25,3 +25,12 @@ def test_one_run_and_no_runs():
     assert len(timeline_figure({"only": runs()["colocated"]}).axes) == 1
     assert len(cdf_figure({}).axes) == 2
     assert len(timeline_figure({}).axes) == 1
+
+
+def test_a_long_run_shows_a_sample_of_its_requests_and_says_so():
+    many = {"long": [r for i in range(50) for r in runs()["colocated"][:20]]}  # 1,000 requests
+    ax = timeline_figure(many, max_requests=300).axes[0]
+    assert ax.get_title() == "long (1 in 4 of 1,000 requests)"
+    drawn = sum(len(c.get_segments()) for c in ax.collections)  # both phases of each request drawn
+    assert drawn == 2 * 250
+    assert timeline_figure({"short": runs()["colocated"]}).axes[0].get_title() == "short"

@@ -2,7 +2,7 @@
 and what every test here measures (a burst's outcome, an instance's memory).
 
 Every process a test starts goes through `cluster`/`module_cluster` (instances), `servers` (api_servers)
-or `redis_server`/`RedisServer` (Redis), which stop them at teardown.
+or `redis_server`/`redis_servers` (Redis), which stop them at teardown.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from tests.cluster.conftest import (  # noqa: F401
     ENV, Cluster, Pair, cluster, instance_args, is_idle, module_cluster, short_request,
 )
 from tests.cluster.splitwise.conftest import (  # noqa: F401
-    EXPIRE_S, HEARTBEAT_S, Hosts, RedisServer, hosts, network_hosts, new_topic, node_ids, redis_server, splitwise_args,
-    wait_nodes,
+    EXPIRE_S, HEARTBEAT_S, Hosts, RedisServer, hosts, network_hosts, new_topic, node_ids, redis_server, redis_servers,
+    splitwise_args, wait_nodes,
 )
 from tests.entrypoints.conftest import ApiServer, Servers, module_servers, servers  # noqa: F401
 

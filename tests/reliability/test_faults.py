@@ -105,11 +105,11 @@ def test_kill_9_of_the_decode_mid_stream_frees_every_prefill_block_and_a_new_dec
 # --- the splitwise scheduler ------------------------------------------------------------------------
 
 
-def test_redis_restarted_under_load_loses_inbox_entries_and_every_request_still_ends(cluster, tmp_path, tiny_llm):
+def test_redis_restarted_under_load_loses_inbox_entries_and_every_request_still_ends(cluster, redis_servers, tiny_llm):
     """Redis restarted empty (no persistence): the tasks still in a decode's inbox and the updates still in a
     router's results list are gone. The routers notice the new Redis and send their requests again, with the
     tokens they have; nothing waits for --scheduler-ttl."""
-    server = RedisServer(tmp_path / "redis").start()
+    server = redis_servers()
     try:
         topic = new_topic()
         # Heartbeats may stop for 10 s before an instance counts as gone: the decode is stopped for less
@@ -208,13 +208,14 @@ def start_in(cluster, hosts: Hosts, i: int, role: str, server: RedisServer, topi
     return instance
 
 
-def test_a_decode_cut_off_by_its_link_going_down_loses_no_request(cluster, three_hosts, tmp_path, tiny_llm):
+def test_a_decode_cut_off_by_its_link_going_down_loses_no_request(cluster, three_hosts, redis_servers, tmp_path,
+                                                                  tiny_llm):
     """Three machines: a prefill (the router of every request) and two decodes. One decode's link goes down
     mid-stream: its requests go to the other decode with the tokens they have and finish with the colocated
     engine's tokens; the prefill stops pushing KV into the dead link; when the link comes back the cut-off
     decode has freed everything (it lost Redis) and registers again."""
     hosts = three_hosts
-    server = RedisServer(tmp_path / "redis", bind=("127.0.0.1", hosts.gateway), password="pd-secret").start()
+    server = redis_servers(bind=("127.0.0.1", hosts.gateway), password="pd-secret")
     try:
         topic = new_topic()
         seqs = ["--max-num-seqs", "4"]

@@ -33,6 +33,7 @@ from pdlab.cluster.client import ping
 from pdlab.cluster.launch import InstanceProcess
 from pdlab.cluster.messages import Pong
 from pdlab.errors import PdlabError
+from pdlab.lifetime import child_env
 
 log = logging.getLogger("pdlab.api_server")
 
@@ -101,26 +102,16 @@ def bind_http(host: str, port: int) -> socket.socket:
 
 def start_instance(args: argparse.Namespace, directory: Path) -> InstanceProcess:
     """`python -m pdlab.cluster.instance` as a child: its own session (Ctrl-C reaches only this server,
-    which stops it), told to stop if this process dies (Linux), its output in `directory`."""
+    which stops it), ending with this process however it ends (`pdlab.lifetime`), its output in `directory`."""
     argv = [sys.executable, "-m", "pdlab.cluster.instance", *instance_argv(args)]
     directory.mkdir(parents=True, exist_ok=True)
     log_path = directory / f"{args.splitwise_role}-{args.engine_worker_queue_port}.log"
     with open(log_path, "w") as out:
-        # preexec_fn is safe here: no thread has been started yet (zmq, uvicorn and tokenizers come later).
-        die_with_parent = _die_with_parent if sys.platform.startswith("linux") else None
         token = cluster_token(args.cluster_token)
-        env = {**os.environ, **({TOKEN_ENV: token.decode()} if token else {})}
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=die_with_parent, env=env)  # noqa: PLW1509
+        env = child_env({**os.environ, **({TOKEN_ENV: token.decode()} if token else {})})
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     return InstanceProcess(args.splitwise_role, args.engine_worker_queue_port, args.cache_queue_port, proc,
                            log_path, args.host, argv)
-
-
-def _die_with_parent() -> None:
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_ready(instance: InstanceProcess, timeout_s: float, token: bytes | None = None) -> Pong:

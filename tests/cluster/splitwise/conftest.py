@@ -1,6 +1,8 @@
-"""A real Redis server per test module (on a free loopback port, no persistence), and instance arguments.
+"""Real Redis servers (on free loopback ports, no persistence): one per test module (`redis_server`) or a
+test's own (`redis_servers`), and instance arguments.
 
-Skips with a reason when `redis-server` is not installed (`.ci/run` installs it).
+Every Redis test goes through these fixtures: without `redis-server` on PATH they skip, saying how to get
+one; with $PDLAB_REQUIRE_REDIS=1 (`.ci/run` sets it, and installs the server) they fail instead.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,19 @@ from pdlab.cluster.splitwise.keys import Keys
 
 HEARTBEAT_S = 0.1
 EXPIRE_S = 1.5
+REQUIRE_REDIS_ENV = "PDLAB_REQUIRE_REDIS"
+
+
+def require_redis_server() -> None:
+    """Skip the calling test, saying how to run it, when `redis-server` is not on PATH; fail it instead
+    under $PDLAB_REQUIRE_REDIS=1, so that CI cannot stop running the Redis tests without noticing."""
+    if shutil.which("redis-server") is not None:
+        return
+    why = ("redis-server is not on PATH: install it (apt-get install redis-server, or brew install redis) "
+           "to run the splitwise scheduler's tests")
+    if os.environ.get(REQUIRE_REDIS_ENV) == "1":
+        pytest.fail(f"{why}; ${REQUIRE_REDIS_ENV}=1 requires them", pytrace=False)
+    pytest.skip(why)
 
 
 class RedisServer:
@@ -65,13 +80,32 @@ class RedisServer:
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    """One server for the tests of a module."""
+    require_redis_server()
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     try:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def redis_servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """`redis_servers(bind=..., password=...)` starts a server of the test's own (to kill, restart or
+    protect with a password); every one is killed at teardown."""
+    require_redis_server()
+    started: list[RedisServer] = []
+
+    def start(**kwargs) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(started)}", **kwargs)
+        started.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.kill()
 
 
 def splitwise_args(server: RedisServer, topic: str, protocol: str = "tcp", *, max_model_len: int = 512,

@@ -147,9 +147,10 @@ def start_on(cluster, hosts: Hosts, i: int, role: str, server: RedisServer, topi
     return instance
 
 
-def test_instances_on_two_hosts_move_the_kv_over_tcp_across_a_real_interface(cluster, hosts, tmp_path, tiny_llm):
+def test_instances_on_two_hosts_move_the_kv_over_tcp_across_a_real_interface(cluster, hosts, redis_servers, tmp_path,
+                                                                              tiny_llm):
     # Reachable from other hosts, so protected by a password (--scheduler-password).
-    server = RedisServer(tmp_path / "redis", bind=("127.0.0.1", hosts.gateway), password="s3cret-pd").start()
+    server = redis_servers(bind=("127.0.0.1", hosts.gateway), password="s3cret-pd")
     try:
         topic = new_topic()
         # Both offer ipc (and tcp); on different hosts the pair must use tcp.
@@ -292,8 +293,8 @@ def test_an_instance_without_redis_exits_2_naming_it(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_redis_going_away_ends_requests_with_an_error_then_the_instances_come_back(cluster, tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
+def test_redis_going_away_ends_requests_with_an_error_then_the_instances_come_back(cluster, redis_servers):
+    server = redis_servers()
     try:
         topic = new_topic()
         mixed = cluster.start("mixed", "tiny", splitwise_args(server, topic, max_model_len=2048))
@@ -331,11 +332,11 @@ def test_redis_going_away_ends_requests_with_an_error_then_the_instances_come_ba
         server.kill()
 
 
-def test_a_missing_or_wrong_password_is_a_clear_error(tmp_path):
+def test_a_missing_or_wrong_password_is_a_clear_error(redis_servers):
     from pdlab.cluster.splitwise.agent import SplitwiseConfig, connect
     from pdlab.errors import ConfigError
 
-    server = RedisServer(tmp_path / "redis", password="right").start()
+    server = redis_servers(password="right")
     try:
         with pytest.raises(ConfigError, match="needs a password"):
             connect(SplitwiseConfig(port=server.port))
