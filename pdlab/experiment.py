@@ -106,6 +106,9 @@ class RunSection(Section):
     profile: Path | None = None
     prefill_profile: Path | None = None
     decode_profile: Path | None = None
+    # sim: milliseconds a served instance adds to every engine step (its loop, scheduling, outputs), measured
+    # against real runs (docs/one_gpu.md); 0: the engine's step alone.
+    step_overhead_ms: NonNegativeFloat = 0.0
     link: Literal["nvlink", "pcie", "rdma", "ideal"] = "nvlink"  # sim, disaggregated: the KV link
     link_bandwidth_gbps: PositiveFloat | None = None  # sim: the link's bandwidth in GB/s instead of its preset's
     # sim: who picks the instances (pdlab/sim/cluster.py): innode, the decode entry point picks a prefill;

@@ -148,6 +148,7 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     from pdlab.policy.devices import gpus_of
     from pdlab.policy.scheduler import SchedulerConfig
     from pdlab.sim import GPUS, LINKS, InstanceSpec, Layout, simulate
+    from pdlab.sim.cost import ServedCost
     from pdlab.sim.profile_cost import ProfileCost
     from pdlab.sim.models import SIM_MODELS, sim_model
 
@@ -187,6 +188,8 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
                 cost = ProfileCost.from_csv(path)
             except (OSError, ValueError, KeyError) as err:
                 raise PdlabError(f"run {run.name}: {field} {path}: {err}") from None
+        if run.step_overhead_ms:
+            cost = ServedCost(cost, run.step_overhead_ms / 1e3)
         return InstanceSpec(scheduler, num_blocks, e.block_size, cost)
 
     link = LINKS[run.link]

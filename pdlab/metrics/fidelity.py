@@ -45,12 +45,13 @@ def fidelity_table(pairs: dict[str, tuple[Sequence[RequestRecord], Sequence[Requ
     return pd.DataFrame(rows)
 
 
-def replay_pairs(result, profile: str | Path | None = None,
-                 num_gpus: int | None = None) -> dict[str, tuple[list[RequestRecord], list[RequestRecord]]]:
+def replay_pairs(result, profile: str | Path | None = None, num_gpus: int | None = None,
+                 step_overhead_ms: float | None = None) -> dict[str, tuple[list[RequestRecord], list[RequestRecord]]]:
     """(real, sim) record pairs for every real run of `result` (e.g. a GPU run under data/results/): the twin
     recorded beside it when the run said `backend: both`, else the run's request list replayed in the
     simulator now, with the run's settings (its profile table, or `profile`), at the same rate, on `num_gpus`
-    GPUs (default: as many as the machine that measured it had, from its provenance)."""
+    GPUs (default: as many as the machine that measured it had, from its provenance), with `step_overhead_ms`
+    added to every simulated step (default: the run's own setting)."""
     from pdlab.run import run_sim
 
     pairs = pairs_from_result(result)
@@ -60,7 +61,9 @@ def replay_pairs(result, profile: str | Path | None = None,
         label = _label(run)
         if run.backend != "real" or label in pairs:
             continue
-        settings = run.run.model_copy(update={"num_gpus": num_gpus, "profile": profile or run.run.profile})
+        settings = run.run.model_copy(update={
+            "num_gpus": num_gpus, "profile": profile or run.run.profile,
+            "step_overhead_ms": run.run.step_overhead_ms if step_overhead_ms is None else step_overhead_ms})
         sim = run_sim(exp if run.rate_rps is None else exp.at_rate(run.rate_rps), settings, progress=False).records
         real_requests = sorted((r.request_id, round(r.arrival_s, 6), r.num_prompt_tokens) for r in run.records)
         sim_requests = sorted((r.request_id, round(r.arrival_s, 6), r.num_prompt_tokens) for r in sim)
@@ -82,14 +85,16 @@ def pairs_from_result(result) -> dict[str, tuple[list[RequestRecord], list[Reque
     return pairs
 
 
-def write_fidelity(out_dir: str | Path, profile: str | Path | None = None) -> Path:
+def write_fidelity(out_dir: str | Path, profile: str | Path | None = None, step_overhead_ms: float = 0.0) -> Path:
     """Replay the real runs of the result in `out_dir` (`replay_pairs`) and write their errors to fidelity.csv."""
     from pdlab.run import load_result
 
     result = load_result(out_dir)
     slo = result.experiment.slo
-    table = fidelity_table(replay_pairs(result, profile), slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
+    table = fidelity_table(replay_pairs(result, profile, step_overhead_ms=step_overhead_ms),
+                           slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
     table.insert(1, "profile", "" if profile is None else Path(profile).as_posix())
+    table.insert(2, "step_overhead_ms", step_overhead_ms)
     path = Path(out_dir) / "fidelity.csv"
     table.to_csv(path, index=False, float_format="%.6g")
     return path
@@ -104,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pdlab.metrics.fidelity", description=__doc__.split("\n")[0])
     parser.add_argument("results", nargs="+", help="result folders (data/results/NAME) with records and provenance")
     parser.add_argument("--profile", help="the profile table to replay with (default: each run's own)")
+    parser.add_argument("--step-overhead-ms", type=float, default=0.0,
+                        help="what a served instance adds to each engine step (see pdlab.sim.cost.ServedCost)")
     args = parser.parse_args(argv)
     for out_dir in args.results:
-        path = write_fidelity(out_dir, args.profile)
+        path = write_fidelity(out_dir, args.profile, args.step_overhead_ms)
         print(f"wrote {path}")
     return 0
 

@@ -67,6 +67,28 @@ class FixedCost:
 
 
 @dataclass(frozen=True)
+class ServedCost:
+    """`engine`'s step plus what a served instance adds to every step beyond the engine's own (its loop,
+    scheduling, output messages): measured as the gap between a real run's token intervals and the profile's
+    decode steps at the same batch and context (notebooks/04)."""
+
+    engine: CostModel
+    overhead_s: float
+
+    def __post_init__(self) -> None:
+        if self.overhead_s < 0:
+            raise ValueError(f"overhead_s must be >= 0, got {self.overhead_s}")
+
+    def step_time_s(self, batch: ScheduledBatch) -> float:
+        return self.engine.step_time_s(batch) + self.overhead_s
+
+    def __getattr__(self, name: str):  # what else the engine's model offers (its memory sizes)
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+
+@dataclass(frozen=True)
 class GpuSpec:
     name: str
     peak_flops: float  # dense bf16 matmul, FLOP/s

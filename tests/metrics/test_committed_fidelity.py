@@ -23,12 +23,14 @@ def test_there_are_committed_fidelity_tables():
 def test_a_committed_fidelity_table_is_reproduced_from_its_records(result, tmp_path, monkeypatch):
     committed = pd.read_csv(result / "fidelity.csv", keep_default_na=False)
     profile = committed["profile"].iloc[0] or None
+    overhead_ms = float(committed["step_overhead_ms"].iloc[0])
     copy = tmp_path / result.name
     shutil.copytree(result, copy, ignore=shutil.ignore_patterns("*.png", "logs", "fidelity.csv"))
     monkeypatch.chdir(ROOT)  # the table names its profile relative to the repository
-    fresh = pd.read_csv(write_fidelity(copy, profile), keep_default_na=False)
+    fresh = pd.read_csv(write_fidelity(copy, profile, overhead_ms), keep_default_na=False)
     assert list(fresh.columns) == list(committed.columns)
     assert fresh[["run", "profile", "metric"]].equals(committed[["run", "profile", "metric"]])
+    assert (fresh["step_overhead_ms"] == overhead_ms).all()
     for column in ("real", "sim", "error"):
         a = pd.to_numeric(fresh[column], errors="coerce")
         b = pd.to_numeric(committed[column], errors="coerce")
