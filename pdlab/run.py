@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -434,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     # SIGTERM ends the experiment as Ctrl-C does: the deployment stops its instances, results so far stay.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    from pdlab.cluster.launch import Terminated, interrupt_on_sigterm
+
+    interrupt_on_sigterm()
     out_dir = None
     try:
         exp = load_experiment(args.experiment, args.overrides)
@@ -446,10 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     except PdlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         kept = f"; the rates measured so far are in {out_dir}/" if out_dir is not None and out_dir.exists() else ""
         print(f"\ninterrupted: instances stopped{kept}", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     if result.runs:
         print(format_report(result))
     if result.failures:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +174,30 @@ runs:
     sweep = pd.read_csv(out / "sweep.csv")
     assert sorted(set(sweep["run"])) == ["first", "third"] and len(sweep) == 4
     assert "broken" in json.loads((out / "provenance.json").read_text())["failures"]
+
+
+def test_an_unwritable_output_dir_is_refused_before_anything_runs(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = cli(str(QUICKSTART), "--output-dir", str(blocker / "below"), "--set", "workload.num_requests=2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: cannot write results under ") and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_experiment_says_so_in_one_line_and_keeps_what_it_measured(tmp_path, sig, code):
+    """Interrupted while its second rate runs: one line, no traceback, the first rate's results on disk."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdlab.run", str(QUICKSTART), "--output-dir", str(tmp_path), "--no-progress",
+         "--set", "model.name=tiny", "--set", "workload.num_requests=4", "--set", "sweep={rates_rps: [50, 0.05]}",
+         "--runs", "colocated"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    sweep = tmp_path / "quickstart" / "sweep.csv"
+    deadline = time.monotonic() + 240
+    while not sweep.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert sweep.exists(), "the first rate was never written"
+    proc.send_signal(sig)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == code and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: instances stopped; the rates measured so far")
+    assert len(pd.read_csv(sweep)) == 1
