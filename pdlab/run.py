@@ -345,7 +345,10 @@ def write_results(result: ExperimentResult) -> list[Path]:
     done = [r.rate_rps for r in result.runs.values()]
     top = exp.rates[-1] if exp.rates[-1] in done else max(done, key=lambda rate: rate or 0)  # while a sweep runs
     last = {label: r.records for label, r in result.runs.items() if r.rate_rps == top}
-    files += plots.save_figure(plots.cdf_figure(last, exp.slo.ttft_s, exp.slo.tpot_s), out / "cdf")
+    cdf = plots.cdf_figure(last, exp.slo.ttft_s, exp.slo.tpot_s)
+    if top is not None:  # say which load the distributions are of (the highest rate measured)
+        cdf.suptitle(f"at {top:g} req/s, the highest rate measured")
+    files += plots.save_figure(cdf, out / "cdf")
     files += plots.save_figure(plots.timeline_figure(last), out / "timeline")
     if exp.sweep is not None:
         result.sweep.to_csv(out / "sweep.csv", index=False)
