@@ -199,18 +199,20 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     else:
         tps = [run.tp("prefill", e.tensor_parallel_size)] * run.num_prefill + \
               [run.tp("decode", e.tensor_parallel_size)] * run.num_decode
-    # Instances time-sliced on shared GPUs take turns; under MPS they overlap, which the model does not capture.
-    gpu_of = None
-    if run.num_gpus is not None and run.gpu_sharing == "time":
-        gpu_of = tuple(ids[0] for ids in gpus_of(tps, run.num_gpus))
+    # Instances on shared GPUs take turns (time-sliced) or share each GPU's throughput (MPS, SM limits per role).
+    gpu_of = None if run.num_gpus is None else tuple(ids[0] for ids in gpus_of(tps, run.num_gpus))
+    roles = ["mixed"] * run.num_instances if run.mode == "colocated" else \
+        ["prefill"] * run.num_prefill + ["decode"] * run.num_decode
+    sm_share = tuple(run.sm_percentage.get(role, 100) / 100 for role in roles) if run.gpu_sharing == "mps" else None
+    sharing = dict(gpu_of=gpu_of, gpu_sharing=run.gpu_sharing, sm_share=sm_share, mps_capacity=run.mps_capacity)
     if run.mode == "colocated":
         layout = Layout(instance("mixed"), mode="colocated", num_instances=run.num_instances, routing=run.routing,
-                        gpu_of=gpu_of)
+                        **sharing)
     else:
         layout = Layout(instance("prefill"), mode="disaggregated", num_prefill=run.num_prefill,
                         num_decode=run.num_decode, decode_instance=instance("decode"), link=link,
                         kv_bytes_per_token=model.kv_bytes_per_token(2), num_layers=model.num_layers,
-                        routing=run.routing, gpu_of=gpu_of)
+                        routing=run.routing, **sharing)
     with tqdm(total=len(requests), desc=desc or f"{run.name} (simulated)", disable=not progress, unit="req") as bar:
         update = (lambda n: bar.update(n - bar.n)) if progress else None
         simulated = simulate(requests, layout, None, seed=exp.seed, progress=update)

@@ -22,8 +22,8 @@ the router chose. Colocated, the router picks a mixed instance by its tokens
 in flight. Default policy: `fastdeploy` (random among the near-least loaded).
 
 GPUs: `gpu_of` places the instances; those on one GPU take turns step by step
-(time-sliced). Instances under CUDA MPS, which overlap, are not modelled: give
-them no `gpu_of`, and their steps run as if each had its own GPU.
+(`gpu_sharing="time"`) or run at once and share its throughput under CUDA MPS
+(`"mps"`, each capped by its `sm_share`): pdlab/sim/gpus.py.
 
 Links: with `link_scope="per_prefill"` each prefill instance has its own
 egress link (its NVLink port or NIC), shared by its concurrent transfers;
@@ -40,6 +40,7 @@ import simpy
 from pdlab.policy.dispatch import POLICIES, make_policy
 from pdlab.policy.request import Request
 from pdlab.sim.cost import CostModel
+from pdlab.sim.gpus import MpsGpu, TimeSlicedGpu
 from pdlab.sim.instance import DecodeInstance, InstanceSpec, PrefillInstance, SimInstance
 from pdlab.sim.links import LINKS, Link, LinkSpec
 from pdlab.sim.router import SplitwiseRouter
@@ -69,6 +70,9 @@ class Layout:
     # The GPU of each instance, in start order (prefills, then decodes; or the mixed ones), when some share one:
     # their steps take turns (time-sliced, as separate processes on one GPU without MPS). None: each its own.
     gpu_of: tuple[int, ...] | None = None
+    gpu_sharing: Literal["time", "mps"] = "time"
+    sm_share: tuple[float, ...] | None = None  # mps: each instance's SM limit (start order); None: no limits
+    mps_capacity: float = 1.0  # mps: how many whole GPUs' worth of work concurrent steps do together (gpus.py)
 
     def __post_init__(self) -> None:
         if self.routing not in DEFAULT_DISPATCH:
@@ -84,6 +88,11 @@ class Layout:
             raise ValueError(f"bad layout: {self}")
         if self.gpu_of is not None and len(self.gpu_of) != self.num_total_instances:
             raise ValueError(f"gpu_of names {len(self.gpu_of)} GPUs for {self.num_total_instances} instances")
+        if self.sm_share is not None and (len(self.sm_share) != self.num_total_instances
+                                          or not all(0 < x <= 1 for x in self.sm_share)):
+            raise ValueError(f"sm_share needs one share in (0, 1] per instance, got {self.sm_share}")
+        if self.gpu_sharing not in ("time", "mps"):
+            raise ValueError(f"unknown gpu_sharing {self.gpu_sharing!r}; choose time or mps")
 
     @property
     def num_total_instances(self) -> int:
@@ -112,9 +121,14 @@ class SimCluster:
             self.entries = [DecodeInstance(env, f"decode-{i}", decode_spec, cost, self.dispatch_prefill)
                             for i in range(layout.num_decode)]
         if layout.gpu_of is not None:
-            gpus = {g: simpy.Resource(env, capacity=1) for g in set(layout.gpu_of) if layout.gpu_of.count(g) > 1}
+            def shared():
+                return TimeSlicedGpu(env) if layout.gpu_sharing == "time" else MpsGpu(env, layout.mps_capacity)
+
+            gpus = {g: shared() for g in set(layout.gpu_of) if layout.gpu_of.count(g) > 1}
             for instance, g in zip(self.instances, layout.gpu_of, strict=True):
                 instance.gpu = gpus.get(g)
+        for instance, share in zip(self.instances, layout.sm_share or (), strict=False):
+            instance.sm_share = share
         # Each policy draws from its own stream of the run's seed.
         self.router: SplitwiseRouter | None = None
         if layout.routing == "splitwise":

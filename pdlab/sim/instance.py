@@ -8,8 +8,8 @@ replaced by a cost model:
     scheduler.update(batch, sampled, env.now)
 
 `sampled` gives every sampling item the same fake token id. Instances that
-share a GPU time-sliced (`gpu`, a SimPy resource of capacity one) take turns:
-a step waits for the other instances' steps on that GPU to end. Simulated requests
+share a GPU (`gpu`, pdlab/sim/gpus.py) take turns (time-sliced) or share its
+throughput (MPS) instead of stepping for `step_time_s` each. Simulated requests
 carry no EOS ids and run to `max_tokens`, as benchmark requests do with
 `ignore_eos`. An instance with nothing to schedule sleeps on an event that
 `notify` fires when work arrives (a new request, a landed transfer, freed
@@ -36,6 +36,7 @@ from pdlab.policy.block_manager import BlockManager
 from pdlab.policy.request import Request
 from pdlab.policy.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pdlab.sim.cost import CostModel
+from pdlab.sim.gpus import MpsGpu, TimeSlicedGpu
 from pdlab.sim.links import Link
 
 # Every simulated step samples this id; no simulated request has EOS ids or stop ids.
@@ -70,8 +71,9 @@ class SimInstance:
         self.before_schedule: Callable[[SimInstance], None] | None = None
         self.on_batch: Callable[[ScheduledBatch], None] | None = None
         self._wake: simpy.Event | None = None
-        # The GPU this instance shares, time-sliced, with others (None: its own): a step holds it throughout.
-        self.gpu: simpy.Resource | None = None
+        # The GPU this instance shares with others (pdlab/sim/gpus.py; None: its own), and its SM limit there.
+        self.gpu: TimeSlicedGpu | MpsGpu | None = None
+        self.sm_share = 1.0
         self.process = env.process(self.run())
 
     @property
@@ -106,10 +108,7 @@ class SimInstance:
                 self.start_step(batch)
                 yield env.timeout(step_s)
             else:
-                with self.gpu.request() as turn:  # the other instances' steps on this GPU go first
-                    yield turn
-                    self.start_step(batch)
-                    yield env.timeout(step_s)
+                yield from self.gpu.run_step(step_s, self.sm_share, lambda: self.start_step(batch))
             self.num_steps += 1
             self.busy_s += step_s
             sampled = {item.request.request_id: FAKE_TOKEN_ID for item in batch.items if item.sample}

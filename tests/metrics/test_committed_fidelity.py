@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pdlab.metrics.fidelity import write_fidelity
+from pdlab.metrics.fidelity import REPLAY_SETTINGS, write_fidelity
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = sorted(p.parent for p in (ROOT / "data" / "results").glob("*/fidelity.csv"))
@@ -22,15 +22,15 @@ def test_there_are_committed_fidelity_tables():
 @pytest.mark.parametrize("result", COMMITTED, ids=[p.name for p in COMMITTED])
 def test_a_committed_fidelity_table_is_reproduced_from_its_records(result, tmp_path, monkeypatch):
     committed = pd.read_csv(result / "fidelity.csv", keep_default_na=False)
-    profile = committed["profile"].iloc[0] or None
-    overhead_ms = float(committed["step_overhead_ms"].iloc[0])
+    settings = {name: committed[name].iloc[0] for name in REPLAY_SETTINGS}
+    settings = {name: (float(v) if name != "profile" else v) for name, v in settings.items() if v != ""}
     copy = tmp_path / result.name
     shutil.copytree(result, copy, ignore=shutil.ignore_patterns("*.png", "logs", "fidelity.csv"))
     monkeypatch.chdir(ROOT)  # the table names its profile relative to the repository
-    fresh = pd.read_csv(write_fidelity(copy, profile, overhead_ms), keep_default_na=False)
+    fresh = pd.read_csv(write_fidelity(copy, **settings), keep_default_na=False)
     assert list(fresh.columns) == list(committed.columns)
-    assert fresh[["run", "profile", "metric"]].equals(committed[["run", "profile", "metric"]])
-    assert (fresh["step_overhead_ms"] == overhead_ms).all()
+    assert fresh[["run", *REPLAY_SETTINGS, "metric"]].astype(str).equals(
+        committed[["run", *REPLAY_SETTINGS, "metric"]].astype(str))
     for column in ("real", "sim", "error"):
         a = pd.to_numeric(fresh[column], errors="coerce")
         b = pd.to_numeric(committed[column], errors="coerce")

@@ -80,3 +80,65 @@ def test_layouts_are_placed_on_gpus_as_real_deployments_are():
         gpus_of([1], 0)
     with pytest.raises(ValueError, match="gpu_of names 1 GPUs for 2 instances"):
         Layout(InstanceSpec(CONFIG, 512), num_instances=2, gpu_of=(0,))
+
+
+def run_steps(gpu_class, steps):
+    """Start each (start_s, work_s, share) step on one shared GPU; return each one's end time."""
+    import simpy
+
+    env = simpy.Environment()
+    gpu = gpu_class(env)
+    ends = [None] * len(steps)
+
+    def one(i, start_s, work_s, share):
+        yield env.timeout(start_s)
+        yield from gpu.run_step(work_s, share, lambda: None)
+        ends[i] = env.now
+
+    for i, step in enumerate(steps):
+        env.process(one(i, *step))
+    env.run()
+    return ends
+
+
+def test_an_mps_step_alone_takes_its_time_scaled_by_its_sm_limit():
+    from pdlab.sim.gpus import MpsGpu, sm_speed
+
+    assert run_steps(MpsGpu, [(0.0, 0.010, 1.0)]) == [pytest.approx(0.010)]
+    assert run_steps(MpsGpu, [(0.0, 0.010, 0.5)]) == [pytest.approx(0.010 / sm_speed(0.5))]
+    # The fit against the measured matmul under MPS (50%: 0.59 of the throughput, 20%: 0.26), within 10%.
+    assert sm_speed(0.5) == pytest.approx(0.59, rel=0.1) and sm_speed(0.2) == pytest.approx(0.26, rel=0.1)
+    with pytest.raises(ValueError, match="SM share"):
+        sm_speed(0.0)
+
+
+def test_concurrent_mps_steps_share_the_gpu_and_one_that_ends_frees_its_part():
+    from pdlab.sim.gpus import MpsGpu, sm_speed
+
+    # Two unlimited steps of 10 ms at once: each at half speed, both end at 20 ms (no more work than one GPU does).
+    assert run_steps(MpsGpu, [(0.0, 0.010, 1.0), (0.0, 0.010, 1.0)]) == [pytest.approx(0.020)] * 2
+    # 4 ms and 10 ms: both at half speed until the short one ends at 8 ms, then the long one alone: 8 + 6 = 14 ms.
+    assert run_steps(MpsGpu, [(0.0, 0.004, 1.0), (0.0, 0.010, 1.0)]) == [pytest.approx(0.008), pytest.approx(0.014)]
+    # A step limited to 20% runs at sm_speed(0.2) < 0.5 beside another; the other gets the rest of the GPU.
+    slow, fast = run_steps(MpsGpu, [(0.0, 0.010, 0.2), (0.0, 0.010, 1.0)])
+    rate = sm_speed(0.2)
+    assert fast == pytest.approx(0.010 / (1 - rate))
+    assert slow == pytest.approx(fast + (0.010 - rate * fast) / rate)
+
+
+def test_time_sliced_steps_run_one_after_the_other_whatever_their_limit():
+    from pdlab.sim.gpus import TimeSlicedGpu
+
+    assert run_steps(TimeSlicedGpu, [(0.0, 0.010, 0.5), (0.001, 0.004, 1.0)]) == [pytest.approx(0.010),
+                                                                                  pytest.approx(0.014)]
+
+
+def test_a_simulated_mps_pair_overlaps_its_steps_and_never_exceeds_one_gpus_work():
+    layout = Layout(InstanceSpec(CONFIG, 512), mode="disaggregated", link=LINKS["ideal"], gpu_of=(0, 0),
+                    gpu_sharing="mps", sm_share=(0.6, 0.4))
+    cluster, spans = trace(layout, requests(30, gap_s=0.003), step_s=0.01)
+    busy = sum(i.num_steps for i in cluster.instances) * 0.01  # whole-GPU work of every step
+    assert max(end for _, _, end in spans) >= busy - 1e-9
+    assert all(r.is_finished for i in cluster.entries for r in i.finished)
+    with pytest.raises(ValueError, match="sm_share"):
+        Layout(InstanceSpec(CONFIG, 512), mode="disaggregated", gpu_of=(0, 0), sm_share=(0.6,))
