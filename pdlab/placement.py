@@ -6,7 +6,9 @@
 DistServe's search over the simulator (`pdlab.sim.placement`): every
 colocated layout (n mixed instances of TP t) and every disaggregated one
 (x prefill instances of TP t_p, y decode instances of TP t_d) within the
-budget, each simulated with the roofline cost model of its own TP degree on
+budget (and, with `--one-gpu-pairs`, a prefill and a decode instance sharing
+one GPU, time-sliced or under MPS with an SM split), each simulated with the
+roofline cost model of its own TP degree (or `--profile`'s step times) on
 the same requests, with the request rate bisected to the highest one whose
 SLO attainment reaches the target, on `--jobs` processes. Prints every
 layout's goodput per GPU, then the best and the runner-up.
@@ -116,14 +118,25 @@ def build_problem(args: argparse.Namespace):
     except ValueError as e:
         raise ConfigError(f"scheduler: {e}") from None
     requests = build_workload(args, model.config.vocab_size, max_model_len)
+    profile = None
+    if args.profile is not None:
+        from pdlab.sim.profile_cost import ProfileCost
+
+        try:
+            profile = ProfileCost.from_csv(args.profile)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"--profile {args.profile}: {e}") from None
+    if args.step_overhead_ms < 0 or args.mps_capacity < 1:
+        raise ConfigError("--step-overhead-ms must be >= 0 and --mps-capacity >= 1")
     return PlacementProblem(model.config, requests, args.ttft_ms / 1e3, args.tpot_ms / 1e3, args.attainment,
                             gpu=GPUS[args.gpu], scheduler=scheduler, block_size=args.block_size,
                             link=LINKS[args.link], weight_bits=WEIGHT_BITS[args.quantization], moe=model.moe,
-                            routing=args.routing)
+                            routing=args.routing, profile=profile, step_overhead_s=args.step_overhead_ms / 1e3,
+                            mps_capacity=args.mps_capacity)
 
 
 def search_candidates(args: argparse.Namespace, problem):
-    from pdlab.sim.placement import candidates
+    from pdlab.sim.placement import candidates, shared_gpu_pairs
 
     tps = _ints("--tp", args.tp)
     prefill_tps, decode_tps = _ints("--prefill-tp", args.prefill_tp), _ints("--decode-tp", args.decode_tp)
@@ -138,6 +151,10 @@ def search_candidates(args: argparse.Namespace, problem):
                 raise ConfigError(f"{flag} {tp}: {e}") from None
     found = candidates(args.num_gpus, tps, "colocated" in layouts, "disaggregated" in layouts, prefill_tps,
                        decode_tps)
+    try:
+        found += shared_gpu_pairs([x for x in args.one_gpu_pairs.split(",") if x.strip()])
+    except ValueError as e:
+        raise ConfigError(f"--one-gpu-pairs: {e}") from None
     if not found:
         raise ConfigError(f"no layout of the TP degrees asked for fits --num-gpus {args.num_gpus}")
     return found
@@ -165,12 +182,13 @@ def write_csv(results, path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["layout", "mode", "num_gpus", "num_instances", "tp", "num_prefill", "prefill_tp",
-                         "num_decode", "decode_tp", "goodput_rps", "per_gpu_goodput_rps", "attainment", "infeasible"])
+                         "num_decode", "decode_tp", "gpu_sharing", "prefill_sm_pct", "decode_sm_pct", "goodput_rps",
+                         "per_gpu_goodput_rps", "attainment", "infeasible"])
         for r in results:
             c = r.candidate
             writer.writerow([c.name, c.mode, c.num_gpus, c.num_instances, c.tp, c.num_prefill, c.prefill_tp,
-                             c.num_decode, c.decode_tp, r.goodput_rps, r.per_gpu_goodput_rps, r.attainment,
-                             r.infeasible or ""])
+                             c.num_decode, c.decode_tp, c.gpu_sharing, *c.sm_percentage, r.goodput_rps,
+                             r.per_gpu_goodput_rps, r.attainment, r.infeasible or ""])
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -184,6 +202,12 @@ def make_parser() -> argparse.ArgumentParser:
     add("--prefill-tp", help="TP degrees of prefill instances (default: --tp)")
     add("--decode-tp", help="TP degrees of decode instances (default: --tp)")
     add("--layouts", default="colocated,disaggregated", help="colocated, disaggregated, or both")
+    add("--one-gpu-pairs", default="", metavar="SPEC,SPEC",
+        help="also try a prefill and a decode instance on ONE GPU: time (time-sliced) or mps:P/D (SM percent of "
+             "prefill and decode), e.g. time,mps:100/100,mps:70/100,mps:60/40")
+    add("--profile", type=Path, help="step times of TP-1 instances from this table (python -m pdlab.profile)")
+    add("--step-overhead-ms", type=float, default=0.0, help="what a served instance adds to every step")
+    add("--mps-capacity", type=float, default=1.0, help="GPUs' worth of work concurrent steps under MPS do together")
     add("--link", default="nvlink", choices=["nvlink", "pcie", "rdma", "ideal"], help="the KV link of PD layouts")
     add("--routing", default="innode", choices=["innode", "splitwise"], help="who picks the instances")
     add("--ttft-ms", type=float, required=True, help="TTFT SLO")

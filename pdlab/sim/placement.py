@@ -5,6 +5,8 @@ attainment target, `search_placement` enumerates
 - colocated layouts: n mixed instances of tensor-parallel degree t (n*t <= budget), and
 - disaggregated layouts: x prefill instances of TP t_p and y decode instances
   of TP t_d (x*t_p + y*t_d <= budget),
+- and, when asked, a prefill and a decode instance sharing ONE GPU, time-sliced
+  or under CUDA MPS with an SM split (`shared_gpu_pairs`),
 simulates each with the roofline cost model of its own TP degree, and finds
 by bisection the highest request rate whose SLO attainment reaches the
 target (DistServe's goodput). Layouts rank by goodput per GPU; the first two
@@ -29,7 +31,7 @@ from pdlab.metrics.summary import meets_slo
 from pdlab.models.config import ModelConfig
 from pdlab.policy.scheduler import SchedulerConfig
 from pdlab.sim.cluster import Layout
-from pdlab.sim.cost import H100, GpuSpec, MoeSpec, RooflineCost
+from pdlab.sim.cost import H100, CostModel, GpuSpec, MoeSpec, RooflineCost, ServedCost
 from pdlab.sim.instance import InstanceSpec
 from pdlab.sim.links import LINKS, LinkSpec
 from pdlab.sim.run import simulate
@@ -45,18 +47,47 @@ class Candidate:
     prefill_tp: int = 1
     num_decode: int = 0
     decode_tp: int = 1
+    # A prefill and a decode instance on ONE GPU: "time" (time-sliced) or "mps" with SM limits (percent) per
+    # role; "" for instances on GPUs of their own.
+    gpu_sharing: str = ""
+    sm_percentage: tuple[int, int] = (100, 100)  # mps: (prefill, decode)
 
     @property
     def num_gpus(self) -> int:
+        if self.gpu_sharing:
+            return 1
         if self.mode == "colocated":
             return self.num_instances * self.tp
         return self.num_prefill * self.prefill_tp + self.num_decode * self.decode_tp
 
     @property
     def name(self) -> str:
+        if self.gpu_sharing == "time":
+            return "1P+1D on 1 GPU, time-sliced"
+        if self.gpu_sharing == "mps":
+            return f"1P+1D on 1 GPU, MPS {self.sm_percentage[0]}/{self.sm_percentage[1]}"
         if self.mode == "colocated":
             return f"{self.num_instances}x mixed TP{self.tp}"
         return f"{self.num_prefill}P(TP{self.prefill_tp})+{self.num_decode}D(TP{self.decode_tp})"
+
+
+def shared_gpu_pairs(specs: Sequence[str]) -> list[Candidate]:
+    """One-GPU pairs from specs such as "time", "mps:100/100", "mps:60/40" (SM percent of prefill/decode)."""
+    out = []
+    for spec in specs:
+        kind, _, split = spec.strip().partition(":")
+        if kind == "time" and not split:
+            out.append(Candidate("disaggregated", num_prefill=1, num_decode=1, gpu_sharing="time"))
+            continue
+        try:
+            prefill, decode = (int(x) for x in split.split("/"))
+        except ValueError:
+            prefill = decode = 0
+        if kind != "mps" or not (1 <= prefill <= 100 and 1 <= decode <= 100):
+            raise ValueError(f"a one-GPU pair is 'time' or 'mps:P/D' with SM percentages 1-100, got {spec!r}")
+        out.append(Candidate("disaggregated", num_prefill=1, num_decode=1, gpu_sharing="mps",
+                             sm_percentage=(prefill, decode)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -110,15 +141,34 @@ class PlacementProblem:
     weight_bits: int = 16
     moe: MoeSpec | None = None
     routing: str = "innode"  # pdlab.sim.cluster.Layout.routing
+    # Step times of TP-1 instances from a measured table instead of the roofline (memory still from the roofline),
+    # plus a served instance's per-step overhead; how concurrent steps share a GPU under MPS (pdlab/sim/gpus.py).
+    profile: CostModel | None = None
+    step_overhead_s: float = 0.0
+    mps_capacity: float = 1.0
+    pair_memory_share: tuple[float, float] = (0.35, 0.55)  # a one-GPU pair's shares of the card (prefill, decode)
 
-    def cost(self, tp: int) -> RooflineCost:
+    def roofline(self, tp: int) -> RooflineCost:
         return RooflineCost(self.model, self.gpu, tp=tp, weight_bits=self.weight_bits, moe=self.moe)
 
-    def layout(self, c: Candidate) -> Layout:
-        def spec(tp: int) -> InstanceSpec:
-            cost = self.cost(tp)
-            return InstanceSpec(self.scheduler, cost.max_num_blocks(self.block_size), self.block_size, cost)
+    def cost(self, tp: int) -> CostModel:
+        base = self.profile if self.profile is not None and tp == 1 else self.roofline(tp)
+        return ServedCost(base, self.step_overhead_s) if self.step_overhead_s else base
 
+    def layout(self, c: Candidate) -> Layout:
+        def spec(tp: int, blocks: int | None = None) -> InstanceSpec:
+            blocks = self.roofline(tp).max_num_blocks(self.block_size) if blocks is None else blocks
+            return InstanceSpec(self.scheduler, blocks, self.block_size, self.cost(tp))
+
+        if c.gpu_sharing:  # one GPU: the prefill's share holds the weights, the decode maps them
+            roofline = self.roofline(1)
+            prefill = roofline.max_num_blocks(self.block_size, self.pair_memory_share[0])
+            decode = roofline.max_num_blocks(self.block_size, self.pair_memory_share[1]) + \
+                int(roofline.weight_bytes_stored // (roofline.kv_bytes_per_token * self.block_size))
+            return Layout(spec(1, prefill), mode="disaggregated", decode_instance=spec(1, decode), link=LINKS["ideal"],
+                          routing=self.routing, kv_bytes_per_token=self.model.kv_bytes_per_token(2),
+                          num_layers=self.model.num_layers, gpu_of=(0, 0), gpu_sharing=c.gpu_sharing,
+                          sm_share=(c.sm_percentage[0] / 100, c.sm_percentage[1] / 100), mps_capacity=self.mps_capacity)
         if c.mode == "colocated":
             return Layout(spec(c.tp), mode="colocated", num_instances=c.num_instances, routing=self.routing)
         return Layout(spec(c.prefill_tp), mode="disaggregated", num_prefill=c.num_prefill, num_decode=c.num_decode,
@@ -129,7 +179,8 @@ class PlacementProblem:
         """Why `c` cannot serve a request of `max_model_len` tokens at all (None: it can)."""
         tps = (c.tp,) if c.mode == "colocated" else (c.prefill_tp, c.decode_tp)
         for tp in sorted(set(tps)):
-            room = self.cost(tp).max_num_blocks(self.block_size) * self.block_size
+            share = self.pair_memory_share[0] if c.gpu_sharing else 0.9
+            room = self.roofline(tp).max_num_blocks(self.block_size, share) * self.block_size
             if room < self.scheduler.max_model_len:
                 return (f"at TP{tp} the weights leave room for {room} KV tokens per GPU, fewer than max_model_len "
                         f"({self.scheduler.max_model_len})")
@@ -240,7 +291,9 @@ def _worker_goodput(task: tuple[Candidate, float]) -> PlacementResult:
 
 def search_placement(problem: PlacementProblem, num_gpus: int, tps: Sequence[int] = (1, 2, 4, 8),
                      colocated: bool = True, disaggregated: bool = True, prefill_tps: Sequence[int] | None = None,
-                     decode_tps: Sequence[int] | None = None, jobs: int = 1) -> list[PlacementResult]:
-    """All candidate layouts, best per-GPU goodput first (ties: fewer GPUs, then name)."""
-    found = candidates(num_gpus, tps, colocated, disaggregated, prefill_tps, decode_tps)
+                     decode_tps: Sequence[int] | None = None, jobs: int = 1,
+                     one_gpu_pairs: Sequence[str] = ()) -> list[PlacementResult]:
+    """All candidate layouts (and the one-GPU pairs asked for, `shared_gpu_pairs`), best per-GPU goodput first
+    (ties: fewer GPUs, then name)."""
+    found = candidates(num_gpus, tps, colocated, disaggregated, prefill_tps, decode_tps) + shared_gpu_pairs(one_gpu_pairs)
     return rank(evaluate(problem, found, jobs))

@@ -59,3 +59,22 @@ def test_a_layout_whose_weights_fill_the_gpu_is_infeasible_without_simulating(pr
 def test_candidates_per_phase_tp():
     cs = candidates(4, tps=(1, 2), colocated=False, prefill_tps=(2,), decode_tps=(1,))
     assert {c.name for c in cs} == {"1P(TP2)+1D(TP1)", "1P(TP2)+2D(TP1)"}
+
+
+def test_one_gpu_pairs_are_searched_beside_the_colocated_instance(problem):
+    from pdlab.sim.placement import shared_gpu_pairs
+
+    pairs = shared_gpu_pairs(["time", "mps:100/100", "mps:60/40"])
+    assert [c.name for c in pairs] == ["1P+1D on 1 GPU, time-sliced", "1P+1D on 1 GPU, MPS 100/100",
+                                       "1P+1D on 1 GPU, MPS 60/40"]
+    assert all(c.num_gpus == 1 for c in pairs)
+    layout = problem.layout(pairs[2])
+    assert layout.gpu_of == (0, 0) and layout.gpu_sharing == "mps" and layout.sm_share == (0.6, 0.4)
+    # The decode maps the prefill's weights: its share of the card is all KV cache, the prefill's is not.
+    assert layout.decode_instance.num_blocks > layout.instance.num_blocks
+    results = search_placement(problem, 1, tps=(1,), disaggregated=False, one_gpu_pairs=["time", "mps:100/100"])
+    assert {r.candidate.name for r in results} == {"1x mixed TP1", *(c.name for c in pairs[:2])}
+    assert all(r.goodput_rps > 0 for r in results)
+    for bad in ("mps", "mps:0/100", "mps:60-40", "spatial"):
+        with pytest.raises(ValueError, match="one-GPU pair"):
+            shared_gpu_pairs([bad])
