@@ -10,6 +10,7 @@ import pytest
 from pdlab.errors import ConfigError
 from pdlab.experiment import Experiment, load_experiment, parse_experiment
 from pdlab.workload import LognormalLength, make_workload
+from tests.workload.synthetic_trace import write_trace
 
 REPO = Path(__file__).parents[1]
 TRACES = REPO / ".." / "shared" / "data" / "traces"
@@ -186,9 +187,14 @@ def test_experiments_are_frozen(tmp_path):
         experiment.seed = 3
 
 
-@pytest.mark.skipif(not TRACES.is_dir(), reason=f"no shared traces at {TRACES}")
-def test_trace_replay_experiment(tmp_path):
-    trace = (TRACES / "azure_conv_2023.csv").resolve()
+@pytest.mark.parametrize("which", ["synthetic", pytest.param("azure_conv_2023", marks=pytest.mark.skipif(
+    not TRACES.is_dir(), reason=f"no shared traces at {TRACES}"))])
+def test_trace_replay_experiment(tmp_path, which: str):
+    if which == "synthetic":  # the layout of the shared traces, which must not be copied here
+        written = write_trace(tmp_path / "synthetic_conv.csv", num_requests=400)
+        trace, first_rows = written.path, (written.num_prompt_tokens[:4], written.num_output_tokens[:4])
+    else:
+        trace, first_rows = (TRACES / f"{which}.csv").resolve(), ([374, 396, 879, 91], [44, 109, 55, 16])
     text = f"""\
     name: replay
     workload:
@@ -200,8 +206,9 @@ def test_trace_replay_experiment(tmp_path):
     """
     requests = make_workload(load_experiment(write(tmp_path, text)).workload.to_spec(), 49_152, 0)
     assert 99 / requests[-1].arrival_s == pytest.approx(2.0)
-    assert [r.num_prompt_tokens for r in requests[:4]] == [374, 396, 879, 91]  # the trace's first rows
-    assert [r.max_tokens for r in requests[:4]] == [44, 109, 55, 16]
+    # The trace's first rows (prompts capped at 2048 tokens).
+    assert [r.num_prompt_tokens for r in requests[:4]] == [min(int(n), 2048) for n in first_rows[0]]
+    assert [r.max_tokens for r in requests[:4]] == [int(n) for n in first_rows[1]]
 
 
 def test_workload_metrics_experiment_and_plots_are_torch_free():

@@ -48,9 +48,17 @@ class KVSender(ABC):
         if block_ids and not (0 <= min(block_ids) and max(block_ids) < num_blocks):
             raise TransferError(f"{side} block id out of range [0, {num_blocks}): {block_ids}")
 
+    def check_mapping(self, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
+        """Raise TransferError unless source block i goes to destination block i, every id in range."""
+        if len(src_block_ids) != len(dst_block_ids):
+            raise TransferError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destination blocks")
+        self.check_blocks(src_block_ids, self.local.num_blocks, "source")
+        self.check_blocks(dst_block_ids, self.dst.num_blocks, "destination")
+
     @abstractmethod
     def send_layer(self, request_id: str, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
-        """Queue the copy of `layer`'s K and V from local `src_block_ids` to remote `dst_block_ids`."""
+        """Queue the copy of `layer`'s K and V from local `src_block_ids` to remote `dst_block_ids` (block i to
+        block i); lists of different lengths or an id out of range raise TransferError and send nothing."""
 
     def send_layers(self, request_id: str, layers: range, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
         """`send_layer` for several layers at once (a whole request after its forward pass)."""

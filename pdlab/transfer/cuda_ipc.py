@@ -88,8 +88,7 @@ class CudaIpcSender(KVSender):
         last = self._last
         if last is not None and last[0] == src_block_ids and last[1] == dst_block_ids:
             return last[2]
-        self.check_blocks(src_block_ids, self.local.num_blocks, "source")
-        self.check_blocks(dst_block_ids, self.dst.num_blocks, "destination")
+        self.check_mapping(src_block_ids, dst_block_ids)
         ids = torch.tensor([src_block_ids, dst_block_ids], dtype=torch.int32).to(self.device, non_blocking=True)
         self._keep.append(ids)
         self._last = (list(src_block_ids), list(dst_block_ids), ids)

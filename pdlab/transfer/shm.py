@@ -41,8 +41,7 @@ class ShmSender(KVSender):
             raise TransferError(f"cannot map decode instance {dst.instance_id}'s KV cache {dst.shm_name}: {e}") from None
 
     def send_layer(self, request_id: str, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
-        self.check_blocks(src_block_ids, self.local.num_blocks, "source")
-        self.check_blocks(dst_block_ids, self.dst.num_blocks, "destination")
+        self.check_mapping(src_block_ids, dst_block_ids)
         src = torch.tensor(src_block_ids, dtype=torch.int64)
         dst = torch.tensor(dst_block_ids, dtype=torch.int64)
         self.remote[layer].index_copy_(1, dst, self.local.kv[layer].index_select(1, src))

@@ -13,8 +13,7 @@ from pdlab.transfer.base import KVReceiver, KVSender, TransferError, gather_bloc
 
 class TcpSender(KVSender):
     def send_layer(self, request_id: str, layer: int, src_block_ids: list[int], dst_block_ids: list[int]) -> None:
-        self.check_blocks(src_block_ids, self.local.num_blocks, "source")
-        self.check_blocks(dst_block_ids, self.dst.num_blocks, "destination")
+        self.check_mapping(src_block_ids, dst_block_ids)
         blocks = gather_blocks(self.local.kv, layer, src_block_ids).cpu()  # [2, n, bs, H, D]
         header = KVLayer(request_id, layer, list(dst_block_ids), self.dst.dtype, tuple(blocks.shape))
         # zmq keeps a reference to the buffer until it is sent: no extra copy.

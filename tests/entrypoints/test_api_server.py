@@ -4,7 +4,10 @@ Two deployments, each started as FastDeploy's commands start them (one
 `api_server` per instance): a colocated (mixed) server, and a prefill server
 plus the decode server that clients talk to (`--innode-prefill-ports`, KV over
 `ipc`, the default). Both must answer exactly what `pdlab.LLM` answers with
-the same engine settings (greedy, or sampling with a seed); both must free
+the same engine settings (greedy, or sampling with a seed): the same text and
+the same log-probability for every token (the text alone would not do: with
+the byte tokenizer of `tiny` most ids decode to the same text as another
+id); both must free
 every KV block of a request whose client went away; bad requests get OpenAI
 error bodies and leave the server serving.
 """
@@ -75,12 +78,40 @@ def llm() -> LLM:
     return LLM("tiny", **LLM_KWARGS)
 
 
+# Two runs of the same engine settings agree to the last bits; 1e-4 leaves room for batching's reduction order.
+LOGPROB_TOLERANCE = 1e-4
+
+
 def offline(llm: LLM, prompt, **params):
     """`LLM.generate` (a str or token ids) or `LLM.chat` (a list of messages)."""
     sp = SamplingParams(**params)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
         return llm.chat(prompt, sp)[0]
     return llm.generate(prompt, sp)[0]
+
+
+def token_logprobs(out) -> list[float]:
+    """The log-probability of each token `LLM.generate` or `LLM.chat` returned."""
+    return [entry[token_id] for entry, token_id in zip(out.logprobs, out.token_ids)]
+
+
+def api_logprobs(choices) -> list[float]:
+    """The log-probability of each token of a completion or chat completion: its choices, or a stream's."""
+    values = []
+    for choice in choices:
+        if choice.logprobs is None:
+            continue
+        if hasattr(choice.logprobs, "token_logprobs"):
+            values += choice.logprobs.token_logprobs
+        else:
+            values += [c.logprob for c in choice.logprobs.content]
+    return values
+
+
+def assert_same_tokens(got: list[float], want, what: str = "") -> None:
+    """The server's per-token log-probabilities are the offline run's: the same tokens, not only the same text."""
+    assert len(got) == len(want.token_ids), what
+    assert got == pytest.approx(token_logprobs(want), abs=LOGPROB_TOLERANCE), what
 
 
 def stream_text(chunks) -> tuple[str, str | None, object]:
@@ -99,11 +130,12 @@ def stream_text(chunks) -> tuple[str, str | None, object]:
 
 
 def test_completion_equals_offline(deployment: Deployment, llm: LLM):
-    want = offline(llm, PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
+    want = offline(llm, PROMPT, max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
     got = deployment.client().completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0,
-                                                 extra_body={"ignore_eos": True})
+                                                 logprobs=0, extra_body={"ignore_eos": True})
     assert got.id.startswith("cmpl-") and got.object == "text_completion" and got.model == "tiny" and got.created
     assert got.choices[0].text == want.text
+    assert_same_tokens(api_logprobs(got.choices), want)
     assert got.choices[0].finish_reason == want.finish_reason == "length"
     assert (got.usage.prompt_tokens, got.usage.completion_tokens, got.usage.total_tokens) == (
         len(want.prompt_token_ids), len(want.token_ids), len(want.prompt_token_ids) + len(want.token_ids))
@@ -111,20 +143,23 @@ def test_completion_equals_offline(deployment: Deployment, llm: LLM):
 
 def test_token_id_prompt_and_seeded_sampling_equal_offline(deployment: Deployment, llm: LLM):
     ids = llm.tokenizer.encode(PROMPT)
-    want = offline(llm, ids, max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    want = offline(llm, ids, max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True,
+                   logprobs=0)
     got = deployment.client().completions.create(model="tiny", prompt=ids, max_tokens=16, temperature=0.9, top_p=0.9,
-                                                 seed=1234, extra_body={"top_k": 50, "ignore_eos": True})
+                                                 seed=1234, logprobs=0, extra_body={"top_k": 50, "ignore_eos": True})
     assert got.choices[0].text == want.text
+    assert_same_tokens(api_logprobs(got.choices), want)
     assert got.usage.completion_tokens == len(want.token_ids)
 
 
 def test_streamed_completion_equals_offline(deployment: Deployment, llm: LLM):
-    want = offline(llm, PROMPT, max_tokens=32, temperature=0, ignore_eos=True)
+    want = offline(llm, PROMPT, max_tokens=32, temperature=0, ignore_eos=True, logprobs=0)
     chunks = list(deployment.client().completions.create(
-        model="tiny", prompt=[PROMPT], max_tokens=32, temperature=0, stream=True,
+        model="tiny", prompt=[PROMPT], max_tokens=32, temperature=0, stream=True, logprobs=0,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     text, finish, usage = stream_text(chunks)
     assert text == want.text
+    assert_same_tokens(api_logprobs(c for chunk in chunks for c in chunk.choices), want)
     assert finish == "length"
     assert usage.completion_tokens == 32 and usage.prompt_tokens == len(want.prompt_token_ids)
     assert chunks[-1].choices == []  # the usage chunk comes last, on its own
@@ -132,20 +167,23 @@ def test_streamed_completion_equals_offline(deployment: Deployment, llm: LLM):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_equals_offline(deployment: Deployment, llm: LLM, stream: bool):
-    want = offline(llm, CHAT, max_tokens=20, temperature=0.7, seed=7, ignore_eos=True)
+    want = offline(llm, CHAT, max_tokens=20, temperature=0.7, seed=7, ignore_eos=True, logprobs=0)
     got = deployment.client().chat.completions.create(
-        model="tiny", messages=CHAT, max_completion_tokens=20, temperature=0.7, seed=7, stream=stream,
+        model="tiny", messages=CHAT, max_completion_tokens=20, temperature=0.7, seed=7, stream=stream, logprobs=True,
         extra_body={"ignore_eos": True}, **({"stream_options": {"include_usage": True}} if stream else {}))
     if stream:
         chunks = list(got)
         assert chunks[0].choices[0].delta.role == "assistant"
         assert all(c.id == chunks[0].id and c.id.startswith("chatcmpl-") for c in chunks)
         text, finish, usage = stream_text(chunks)
+        logprobs = api_logprobs(c for chunk in chunks for c in chunk.choices)
     else:
         assert got.id.startswith("chatcmpl-") and got.object == "chat.completion"
         assert got.choices[0].message.role == "assistant"
         text, finish, usage = got.choices[0].message.content, got.choices[0].finish_reason, got.usage
+        logprobs = api_logprobs(got.choices)
     assert text == want.text
+    assert_same_tokens(logprobs, want)
     assert finish == "length"
     assert (usage.prompt_tokens, usage.completion_tokens) == (len(want.prompt_token_ids), 20)
 
@@ -155,15 +193,19 @@ def test_stop_sequences_cut_the_text_as_offline(deployment: Deployment, llm: LLM
     free = offline(llm, PROMPT, max_tokens=40, temperature=0, ignore_eos=True).text
     start = next(i for i in range(4, len(free)) if free[i].isalnum())
     stop = [free[start:start + 2], "never-generated"]  # two characters the text reaches after a few tokens
-    want = offline(llm, PROMPT, max_tokens=40, temperature=0, ignore_eos=True, stop=stop)
+    want = offline(llm, PROMPT, max_tokens=40, temperature=0, ignore_eos=True, stop=stop, logprobs=0)
     assert want.finish_reason == "stop" and want.text == free[:free.index(stop[0])]
     got = deployment.client().completions.create(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0,
-                                                 stop=stop, stream=stream, extra_body={"ignore_eos": True})
+                                                 stop=stop, stream=stream, logprobs=0, extra_body={"ignore_eos": True})
     if stream:
-        text, finish, _ = stream_text(got)
+        chunks = list(got)
+        text, finish, _ = stream_text(chunks)
+        logprobs = api_logprobs(c for chunk in chunks for c in chunk.choices)
     else:
         text, finish = got.choices[0].text, got.choices[0].finish_reason
+        logprobs = api_logprobs(got.choices)
     assert (text, finish) == (want.text, "stop")
+    assert_same_tokens(logprobs, want)  # the tokens up to the one that completed the stop string
 
 
 def test_max_tokens_and_logprobs(deployment: Deployment, llm: LLM):

@@ -94,12 +94,16 @@ def test_a_tensor_parallel_prefill_without_a_protocol_it_can_use_exits_2(servers
 def test_a_tensor_parallel_mixed_server_answers_as_a_single_rank_one_does(servers):
     sharded = servers.start("mixed", "tiny", [*ENGINE_ARGS, "--tensor-parallel-size", "2"])
     whole = servers.start("mixed", "tiny", ENGINE_ARGS)
-    texts = []
+    answers = []
     for server in (sharded.wait_ready(), whole.wait_ready()):
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60.0)
-        texts.append([client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0).choices[0].text
-                      for p in ("a lighthouse", "the keeper climbed")])
-    assert texts[0] == texts[1]
+        choices = [client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0,
+                                             logprobs=0).choices[0] for p in ("a lighthouse", "the keeper climbed")]
+        answers.append([(c.text, c.logprobs.token_logprobs) for c in choices])
+    # The same text from the same tokens: each token's log-probability agrees to TP's 1e-4 (tests/engine).
+    for (sharded_text, sharded_logprobs), (text, logprobs) in zip(*answers):
+        assert sharded_text == text and len(logprobs) == 10
+        assert sharded_logprobs == pytest.approx(logprobs, abs=1e-4)
 
 
 def test_a_quantization_the_model_cannot_take_exits_2_naming_the_layer(servers):

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 from pdlab.errors import ConfigError, ModelNotFoundError
+from pdlab.models import hf_dir
 from pdlab.models.config import ModelConfig, RopeScaling
 from pdlab.models.hf_dir import config_from_hf_dict, iter_safetensors, read_eos_token_ids, safetensors_files
 from pdlab.models.source import resolve_model
@@ -71,12 +73,40 @@ def test_sharded_directory_reads_every_shard_once(tmp_path: Path) -> None:
     assert sorted(names) == sorted(state)
 
 
-def test_weights_are_yielded_lazily(tmp_path: Path) -> None:
-    config_class, kwargs, _ = CASES["qwen2"]
-    save_random_model(tmp_path, config_class, kwargs)
+def test_weights_are_yielded_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_class, kwargs, _ = CASES["llama3"]
+    state = save_random_model(tmp_path, config_class, kwargs, shard=True)
+    opened, read = [], []
+
+    class CountingSafeOpen:
+        """safetensors' safe_open, counting the shards opened and the tensors read."""
+
+        def __init__(self, path, **kw):
+            opened.append(Path(path).name)
+            self.file = safe_open(path, **kw)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.file.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.file.get_tensor(name)
+
+    monkeypatch.setattr(hf_dir, "safe_open", CountingSafeOpen)
     weights = iter_safetensors(tmp_path)
-    name, tensor = next(weights)  # one tensor read, the rest still on disk
-    assert isinstance(name, str) and isinstance(tensor, torch.Tensor)
+    assert (opened, read) == ([], []), "nothing is read before the first next()"
+    name, tensor = next(weights)
+    assert len(safetensors_files(tmp_path)) > 1 and len(opened) == 1 and read == [name], (opened, read)
+    torch.testing.assert_close(tensor, state[name], rtol=0, atol=0)
+    rest = [n for n, _ in weights]
+    assert sorted([name, *rest]) == sorted(read) == sorted(state), "each tensor read once, when asked for"
 
 
 def test_directory_tokenizer_round_trip(tmp_path: Path, smollm2_tokenizer) -> None:

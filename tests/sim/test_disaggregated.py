@@ -1,10 +1,14 @@
-"""The disaggregated flow in the simulator: transfer overlap, link contention, block hygiene, determinism."""
+"""The disaggregated flow in the simulator: transfer overlap, link contention, KV sent again after a preemption on
+the prefill, block hygiene, determinism."""
 
 import pytest
 import simpy
 
+from pdlab.policy.request import Request
 from pdlab.policy.scheduler import SchedulerConfig
+from pdlab.sampling_params import SamplingParams
 from pdlab.sim import LINKS, FixedCost, InstanceSpec, Layout, Link, LinkSpec, simulate, simulate_cluster
+from pdlab.sim.cluster import SimCluster
 from pdlab.workload.workload import RequestSpec
 
 D = 0.050
@@ -81,6 +85,32 @@ def test_no_block_leaks_and_every_request_finishes():
         assert instance.block_manager.num_free_blocks == instance.block_manager.num_blocks
         assert not instance.scheduler.has_unfinished() and not instance.scheduler.held
         assert instance.num_steps > 0  # both prefills and both decodes got work
+
+
+def test_a_prompt_preempted_on_the_prefill_is_recomputed_and_its_kv_sent_again():
+    # 8 blocks of 16 tokens for three 40-token prompts (3 blocks each), 32 tokens a 10 ms step, and a link slow
+    # enough (40 ms a prompt) that finished prompts hold their blocks: a chunk finds none free, and the most
+    # recently admitted prompt is preempted and recomputed from 0.
+    prefill = InstanceSpec(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=256), num_blocks=8)
+    layout = Layout(prefill, mode="disaggregated", decode_instance=InstanceSpec(CONFIG, num_blocks=512),
+                    link=LinkSpec("pcie", bandwidth_bytes_per_s=1e3), kv_bytes_per_token=1.0, num_layers=2)
+    env = simpy.Environment()
+    cluster = SimCluster(env, layout, FixedCost(0.010))
+    chunks = []  # (request id, start, tokens) of every chunk the prefill computed
+    cluster.prefills[0].on_batch = lambda batch: chunks.extend(batch.signature())
+    requests = [Request(f"r{i}", [100] * 40, SamplingParams(max_tokens=3, ignore_eos=True)) for i in range(3)]
+    for request in requests:
+        cluster.submit(request)
+    env.run()
+    restarted = [rid for i, (rid, start, _) in enumerate(chunks) if start == 0 and rid in {c[0] for c in chunks[:i]}]
+    assert restarted, f"no prompt was preempted on the prefill: {chunks}"
+    # Every chunk computed went over the link, the recomputed ones again: more than the prompts' KV.
+    computed_tokens = sum(n for _, _, n in chunks)
+    assert computed_tokens > 3 * 40 and cluster.links[0].bytes_moved == computed_tokens * layout.kv_bytes_per_token
+    assert [(r.finish_reason, r.num_output_tokens) for r in requests] == [("length", 3)] * 3
+    for instance in cluster.instances:
+        assert instance.block_manager.num_free_blocks == instance.block_manager.num_blocks
+        assert not instance.scheduler.has_unfinished() and not instance.scheduler.held
 
 
 def test_too_long_request_gets_an_error_record():

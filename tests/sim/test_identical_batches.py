@@ -95,11 +95,23 @@ def test_engine_and_simulator_schedule_identical_batches(model):
     sim = sim_signatures(engine, requests)
     assert len(real) > 40
     assert sim == real
-    # The trace exercised chunked prefill (a prompt over several steps) and preemption (a restart at 0).
-    starts = {}
-    restarted = False
-    for signature in real:
-        for request_id, start, _ in signature:
-            restarted |= start == 0 and request_id in starts
-            starts.setdefault(request_id, start)
+    assert_exercised(real, {request_id: len(prompt) for _, request_id, prompt, _ in requests})
+
+
+def assert_exercised(signatures: list[tuple], prompt_lens: dict[str, int]) -> None:
+    """The trace went through what the module docstring says: chunked prefill (a prompt computed over several
+    steps), mixed batches (a prompt chunk and a decode token in one step) and preemption (a restart at 0)."""
+    chunked = mixed = restarted = False
+    seen = set()
+    for signature in signatures:
+        kinds = set()
+        for request_id, start, num_tokens in signature:
+            prompt_len = prompt_lens[request_id]
+            chunked |= start == 0 and num_tokens < prompt_len
+            restarted |= start == 0 and request_id in seen
+            seen.add(request_id)
+            kinds.add("prefill" if start < prompt_len else "decode" if num_tokens == 1 else "recompute")
+        mixed |= {"prefill", "decode"} <= kinds
+    assert chunked, "no prompt was split over several steps; lower max_num_batched_tokens"
+    assert mixed, "no step held a prompt chunk and a decode token together"
     assert restarted, "no request was preempted and recomputed; tighten the cache"

@@ -4,8 +4,9 @@ For each transport: random source blocks land bitwise in the destination
 blocks they are mapped to, every other destination block is untouched, after
 `flush` (ipc; rdma, then the receiver's `commit`) or once the frames handed to
 the socket are fed to the receiver (tcp), with `PrefillDone` sent after them
-arriving after them. Bad block ids, mismatched layouts and lying frames raise
-`TransferError` and change nothing.
+arriving after them. Bad block ids, source and destination lists of different
+lengths, mismatched layouts and lying frames raise `TransferError` and change
+nothing.
 """
 
 from __future__ import annotations
@@ -266,3 +267,18 @@ def test_shared_memory_sender_refuses_a_file_that_is_not_the_advertised_cache(ma
     finally:
         if os.path.exists(missing):
             os.unlink(missing)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_source_and_destination_lists_of_different_lengths_raise_and_change_nothing(make_link, transport: str):
+    link = make_link(transport, torch.float32)
+    before = raw(link.dst.kv).clone()
+    for src_ids, dst_ids in [([1, 2], [3]), ([1], [3, 4]), ([], [3]), ([1], [])]:
+        with pytest.raises(TransferError, match="source blocks for"):
+            link.sender.send_layer("req", 0, src_ids, dst_ids)
+        with pytest.raises(TransferError, match="source blocks for"):
+            link.sender.send_layers("req", range(CONFIG.num_layers), src_ids, dst_ids)
+    link.sender.flush()
+    if link.protocol == "tcp":
+        assert link.frames() == [], "no frame may be sent for a rejected layer"
+    assert torch.equal(raw(link.dst.kv), before)

@@ -6,7 +6,10 @@ import pytest
 from pdlab.errors import ConfigError
 from pdlab.workload.traces import load_trace, replay_arrivals, trace_lengths, trace_stats
 
-# The shared traces sit beside the repository (../shared) in development and CI; never in it.
+from .synthetic_trace import write_trace
+
+# The shared traces sit beside the repository (../shared) in development and CI; never in it. Each test also
+# runs on a synthetic trace of the same layout (synthetic_trace.py), so that a clean clone checks the reader.
 TRACES = Path(__file__).parents[2] / ".." / "shared" / "data" / "traces"
 needs_traces = pytest.mark.skipif(not TRACES.is_dir(), reason=f"no shared traces at {TRACES}")
 
@@ -14,6 +17,39 @@ needs_traces = pytest.mark.skipif(not TRACES.is_dir(), reason=f"no shared traces
 @pytest.fixture(scope="module")
 def conv():
     return load_trace(TRACES / "azure_conv_2023.csv")
+
+
+@pytest.fixture(scope="module", params=["synthetic", pytest.param("azure_conv_2023", marks=needs_traces)])
+def any_trace(request, tmp_path_factory):
+    """A conversation-like trace of at least 400 rows: the synthetic one, and the shared one where it is."""
+    if request.param == "synthetic":
+        return load_trace(write_trace(tmp_path_factory.mktemp("trace") / "synthetic_conv.csv").path)
+    return load_trace(TRACES / f"{request.param}.csv")
+
+
+def test_a_synthetic_trace_reads_back_with_the_statistics_of_its_rows(tmp_path):
+    written = write_trace(tmp_path / "conv.csv", num_requests=400, seed=1)
+    trace = load_trace(written.path)
+    assert list(trace.columns) == ["arrival_s", "num_prompt_tokens", "num_output_tokens"]
+    np.testing.assert_array_equal(trace["arrival_s"], written.arrival_s)
+    np.testing.assert_array_equal(trace["num_prompt_tokens"], written.num_prompt_tokens)
+    np.testing.assert_array_equal(trace["num_output_tokens"], written.num_output_tokens)
+    stats = trace_stats(trace)
+    gaps = np.diff(written.arrival_s)
+    assert stats["num_requests"] == 400 and stats["span_s"] == pytest.approx(written.arrival_s[-1])
+    assert stats["rate_rps"] == pytest.approx(399 / written.arrival_s[-1])
+    assert stats["interarrival_cv"] == pytest.approx(gaps.std() / gaps.mean()) and 0.8 < stats["interarrival_cv"] < 1.2
+    for column, prefix in ((written.num_prompt_tokens, "prompt"), (written.num_output_tokens, "output")):
+        assert stats[f"{prefix}_mean_tokens"] == pytest.approx(column.mean())
+        assert stats[f"{prefix}_p50_tokens"] == np.percentile(column, 50)
+        assert stats[f"{prefix}_p99_tokens"] == np.percentile(column, 99)
+        assert stats[f"{prefix}_max_tokens"] == column.max()
+
+
+def test_a_synthetic_bursty_trace_is_bursty(tmp_path):
+    stats = trace_stats(load_trace(write_trace(tmp_path / "code.csv", bursty=True).path))
+    assert stats["num_requests"] == 400
+    assert stats["interarrival_cv"] > 10
 
 
 @needs_traces
@@ -35,22 +71,21 @@ def test_code_trace_is_bursty():
     assert stats["interarrival_cv"] > 10
 
 
-@needs_traces
-def test_replay_scales_a_window_of_the_trace_to_a_rate(conv):
-    times = replay_arrivals(conv, 1000, rate_rps=20.0)
-    assert times[0] == 0.0 and 999 / times[-1] == pytest.approx(20.0)
+def test_replay_scales_a_window_of_the_trace_to_a_rate(any_trace):
+    times = replay_arrivals(any_trace, 300, rate_rps=20.0)
+    assert times[0] == 0.0 and 299 / times[-1] == pytest.approx(20.0)
     # The shape of the gaps is the trace's own.
-    original = conv["arrival_s"].to_numpy()[:1000]
+    original = any_trace["arrival_s"].to_numpy()[:300]
     np.testing.assert_allclose(times / times[-1], original / original[-1])
-    np.testing.assert_array_equal(replay_arrivals(conv, 10), original[:10])
+    np.testing.assert_array_equal(replay_arrivals(any_trace, 10), original[:10])
 
 
-@needs_traces
-def test_trace_lengths_replay_rows_in_order(conv):
-    prompts = trace_lengths(conv, "num_prompt_tokens", replay=True, max_tokens=2048).sample(50)
-    np.testing.assert_array_equal(prompts, conv["num_prompt_tokens"].clip(upper=2048).to_numpy()[:50])
-    drawn = trace_lengths(conv, "num_output_tokens").sample(5000, np.random.default_rng(0))
-    assert set(drawn.tolist()) <= set(conv["num_output_tokens"].clip(lower=1).tolist())
+def test_trace_lengths_replay_rows_in_order(any_trace):
+    prompts = trace_lengths(any_trace, "num_prompt_tokens", replay=True, max_tokens=2048).sample(50)
+    np.testing.assert_array_equal(prompts, any_trace["num_prompt_tokens"].clip(upper=2048).to_numpy()[:50])
+    assert prompts.max() == 2048, "the trace should have prompts past the cap"
+    drawn = trace_lengths(any_trace, "num_output_tokens").sample(5000, np.random.default_rng(0))
+    assert set(drawn.tolist()) <= set(any_trace["num_output_tokens"].clip(lower=1).tolist())
 
 
 def test_raw_azure_layout_is_read(tmp_path):

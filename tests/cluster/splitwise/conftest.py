@@ -21,9 +21,11 @@ import redis
 
 from pdlab.cluster.launch import free_port
 from pdlab.cluster.splitwise.keys import Keys
+from tests.margins import STALL_S
 
 HEARTBEAT_S = 0.1
-EXPIRE_S = 1.5
+# --scheduler-expire-s: a live instance held up for less than this on a loaded machine is never dropped.
+EXPIRE_S = STALL_S
 REQUIRE_REDIS_ENV = "PDLAB_REQUIRE_REDIS"
 
 

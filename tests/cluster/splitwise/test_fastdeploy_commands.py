@@ -88,17 +88,24 @@ def fastdeploy_pair(redis_server, tmp_path: Path):
 
 
 def test_fastdeploys_multi_machine_commands_serve_from_either_instance(fastdeploy_pair):
+    # The offline engine with the deployment's settings: the same quantized shards, so the same tokens, whose
+    # log-probabilities agree to 1e-4. (TP=4 wint4 against TP=1: tests/engine/test_tensor_parallel.py.)
     with LLM(MODEL, device="cpu", max_model_len=256, quantization="wint4", tensor_parallel_size=4) as offline:
-        want = [o.text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0))]
+        outs = offline.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, logprobs=0))
+    want = [(o.text, [entry[t] for entry, t in zip(o.logprobs, o.token_ids)]) for o in outs]
     for role in ("prefill", "decode"):  # any instance's API takes requests
         port, _ = fastdeploy_pair[role]
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        got = [client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0).choices[0].text
-               for p in PROMPTS]
-        assert got == want, role
-        streamed = "".join(c.choices[0].text for c in client.completions.create(
-            model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True))
-        assert streamed == want[0]
+        for p, (text, logprobs) in zip(PROMPTS, want):
+            choice = client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0,
+                                               logprobs=0).choices[0]
+            assert choice.text == text, role
+            assert choice.logprobs.token_logprobs == pytest.approx(logprobs, abs=1e-4), role
+        chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                                logprobs=0, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == want[0][0]
+        streamed = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+        assert streamed == pytest.approx(want[0][1], abs=1e-4)
     for role in ("prefill", "decode"):
         _, log_dir = fastdeploy_pair[role]
         log = "".join(p.read_text() for p in log_dir.glob("*.log"))

@@ -6,7 +6,7 @@ import pickle
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdlab.cluster.messages import MessageError, RequestUpdate, SamplingMsg
@@ -48,13 +48,35 @@ def test_garbage_and_pickle_payloads_are_refused(decoder, data):
         decoder(data)
 
 
-@given(st.binary(max_size=300))
-def test_random_bytes_never_decode_into_anything_else(data):
-    for decoder in (decode_node, decode_inbox, decode_update):
+DECODES_TO = [(decode_node, (NodeInfo,)), (decode_inbox, (Task, TaskAbort)), (decode_update, (RequestUpdate,))]
+
+
+def corrupted(data: bytes, draw) -> bytes:
+    """`data` with a few bytes replaced, inserted or deleted: often still JSON, sometimes still a struct."""
+    data = bytearray(data)
+    for _ in range(draw(st.integers(1, 3))):
+        i = draw(st.integers(0, len(data)))
+        byte = draw(st.sampled_from(b'{}[]",:0123456789aetnrsu '))
+        edit = draw(st.sampled_from(["replace", "insert", "delete"]))
+        if edit == "replace" and i < len(data):
+            data[i] = byte
+        elif edit == "insert":
+            data.insert(i, byte)
+        elif edit == "delete" and i < len(data):
+            del data[i]
+    return bytes(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.sampled_from([encode(v) for v in (NODE, TASK, TaskAbort("x#1"), UPDATE)])
+       .flatmap(lambda data: st.composite(lambda draw: corrupted(data, draw))()))
+def test_random_and_corrupted_bytes_decode_to_the_right_struct_or_raise_message_error(data):
+    for decoder, types in DECODES_TO:
         try:
-            decoder(data)
+            value = decoder(data)
         except MessageError:
-            pass
+            continue
+        assert isinstance(value, types), (decoder.__name__, value)
 
 
 def test_a_truncated_entry_is_refused():
