@@ -149,6 +149,20 @@ def max_rate_meeting_target(attainment_by_rate: Mapping[float, float], target: f
     return best
 
 
+def rank_by_sweep(sweep, target: float = 0.9, backend: str = "real") -> list[tuple[str, float | None, float]]:
+    """Runs of a rate sweep, best first, by DistServe's goodput measured on the sweep's own rates: the highest
+    rate at which a run and every lower rate reach `target` attainment (None: not even the lowest), ties broken
+    by the attainment at the next rate. Returns (run, that rate, attainment at the next rate)."""
+    rows = sweep[sweep["backend"] == backend]
+    ranked = []
+    for run, by_rate in rows.groupby("run", sort=False):
+        attainment = dict(zip(by_rate["rate_rps"], by_rate["slo_attainment"]))
+        best = max_rate_meeting_target(attainment, target)
+        above = [rate for rate in sorted(attainment) if best is None or rate > best]
+        ranked.append((run, best, attainment[above[0]] if above else 1.0))
+    return sorted(ranked, key=lambda r: (-(r[1] or 0.0), -r[2]))
+
+
 def crossings(sweep, run_a: str, run_b: str, metric: str = "goodput_rps", backend: str | None = None) -> list[float]:
     """Offered rates where two runs' `metric` curves cross in a sweep (`ExperimentResult.sweep`),
     interpolated linearly between neighbouring rates; empty if one stays ahead throughout."""

@@ -71,6 +71,21 @@ class Candidate:
         return f"{self.num_prefill}P(TP{self.prefill_tp})+{self.num_decode}D(TP{self.decode_tp})"
 
 
+def candidate_of_run(run, num_gpus: int) -> Candidate:
+    """The candidate an experiment file's run (`pdlab.experiment.RunSection`) is, on a machine of `num_gpus`
+    GPUs: to put the search's answer beside a real sweep's."""
+    tp = run.tensor_parallel_size or 1
+    if run.mode == "colocated":
+        return Candidate("colocated", num_instances=run.num_instances, tp=tp)
+    prefill_tp, decode_tp = run.prefill_tp or 1, run.decode_tp or 1
+    if run.num_prefill * prefill_tp + run.num_decode * decode_tp > num_gpus:  # they share GPUs
+        sm = (run.sm_percentage.get("prefill", 100), run.sm_percentage.get("decode", 100))
+        return Candidate("disaggregated", num_prefill=1, num_decode=1, gpu_sharing=run.gpu_sharing,
+                         sm_percentage=sm if run.gpu_sharing == "mps" else (100, 100))
+    return Candidate("disaggregated", num_prefill=run.num_prefill, prefill_tp=prefill_tp, num_decode=run.num_decode,
+                     decode_tp=decode_tp)
+
+
 def shared_gpu_pairs(specs: Sequence[str]) -> list[Candidate]:
     """One-GPU pairs from specs such as "time", "mps:100/100", "mps:60/40" (SM percent of prefill/decode)."""
     out = []

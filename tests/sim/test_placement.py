@@ -78,3 +78,16 @@ def test_one_gpu_pairs_are_searched_beside_the_colocated_instance(problem):
     for bad in ("mps", "mps:0/100", "mps:60-40", "spatial"):
         with pytest.raises(ValueError, match="one-GPU pair"):
             shared_gpu_pairs([bad])
+
+
+def test_an_experiment_run_is_named_as_the_search_names_its_layout():
+    from pdlab.experiment import RunSection
+    from pdlab.sim.placement import candidate_of_run
+
+    def name(**run) -> str:
+        return candidate_of_run(RunSection(name="x", **run), num_gpus=1).name
+
+    assert name(mode="colocated") == "1x mixed TP1"
+    assert name(mode="disaggregated", gpu_sharing="time") == "1P+1D on 1 GPU, time-sliced"
+    assert name(mode="disaggregated", gpu_sharing="mps", sm_percentage={"prefill": 70}) == "1P+1D on 1 GPU, MPS 70/100"
+    assert candidate_of_run(RunSection(name="x", mode="disaggregated"), num_gpus=2).name == "1P(TP1)+1D(TP1)"
