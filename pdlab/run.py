@@ -148,8 +148,8 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     from pdlab.policy.scheduler import SchedulerConfig
     from pdlab.sim import GPUS, LINKS, InstanceSpec, Layout, simulate
     from pdlab.sim.cost import ServedCost
-    from pdlab.sim.profile_cost import ProfileCost
     from pdlab.sim.models import SIM_MODELS, sim_model
+    from pdlab.sim.profile_cost import ProfileCost
 
     sim = sim_model(exp.model.name)  # the dense presets, the simulator-only MoE models, or a model directory
     model = sim.config

@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from pdlab.lifetime import GRACE_S, PARENT_PID_ENV, POLL_S
+from tests.processes import alive
 
 # Both processes are plain Python (no torch): they start in well under a second.
 CHILD = """
@@ -34,15 +34,6 @@ time.sleep(600)
 # Generous: a loaded 2-core CI machine delays every wake-up.
 MARGIN_S = 10.0
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie nobody reaped does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def gone_within(pid: int, timeout_s: float) -> bool:

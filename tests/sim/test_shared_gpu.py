@@ -7,7 +7,7 @@ import pytest
 
 from pdlab.policy.devices import gpus_of
 from pdlab.policy.scheduler import SchedulerConfig
-from pdlab.sim import LINKS, FixedCost, InstanceSpec, Layout, simulate_cluster
+from pdlab.sim import LINKS, FixedCost, InstanceSpec, Layout
 from pdlab.workload.workload import RequestSpec
 
 CONFIG = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256)
