@@ -175,6 +175,10 @@ class Instance:
                 f"cache_queue={self.host}:{self.args.cache_queue_port}")
         if self.args.pd_comm_port is not None:
             text += f" pd_comm={self.host}:{self.args.pd_comm_port}"
+        if self.args.weights_from is not None:  # how its GPU memory is split: the log's "GPU memory:" line
+            text += f" weights=mapped-from:{self.args.weights_from}"
+        if self.args.sm_percentage is not None:
+            text += f" sm_percentage={self.args.sm_percentage}"
         if self.splitwise is not None:
             text += (f" scheduler=splitwise@{self.splitwise.address} topic={self.splitwise.topic} "
                      f"node={self.node_id}")
