@@ -7,7 +7,7 @@ bf16, blocks placed at random in the cache. Baselines measured here, on the
 same card, in the same run:
 - decode (one query per sequence, batch 1..128, context 1k): the kernel's
   bandwidth (the K and V bytes it must read, plus q and out) against a large
-  device-to-device copy (read + write counted, as DESIGN.md and
+  device-to-device copy (read + write counted, as docs/facts.md and
   benchmarks/engine_speed.py count it); and the torch path (gather + SDPA);
 - prefill (one whole prompt of 512 / 2k / 8k tokens, and the last 512 tokens
   of each as a chunk after cached positions): TFLOP/s of the causal attention

@@ -7,7 +7,7 @@ Baselines measured here, on the same card, in the same process:
 - HBM floor of a decode step: the bytes a step must read (weights without the
   embedding table, at the variant's bits per weight, plus the batch's KV) over
   the bandwidth of a large device-to-device copy (read + write counted, as
-  DESIGN.md does);
+  docs/facts.md does);
 - bf16 matmul peak (8192^3) for prefill MFU;
 - the first variant's decode steps (ratios of every other variant against it);
 - Hugging Face transformers `generate` on the same shape, batch 1 (`--hf`).

@@ -3,7 +3,9 @@
 # PyTorch reference), then the benchmarks, each bounded in time. Results go to $OUT (the device tool's
 # folder; default ./gpu-out) in at most 8 files. Run from the repository root on the device machine:
 #
-#   ../shared/hooks/device-wheels        # here, once: .whl/ with what the GPU image lacks
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     --platform any -d .whl fastapi uvicorn pyzmq msgspec simpy redis gguf ...   # once, on a machine with
+#                                        # a network: .whl/ with the wheels the GPU image lacks (if any)
 #   device run (carry .whl):  bash benchmarks/gpu_session.sh            # one GPU
 #                             GPUS=2 bash benchmarks/gpu_session.sh     # two GPUs: adds TP=2 and the pair tests
 #   STAGES="tests kernels" (any of tests kernels engine profiles experiment sharing smoke one_gpu_conversation

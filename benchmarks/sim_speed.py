@@ -2,7 +2,7 @@
 
     python benchmarks/sim_speed.py [--num-requests 10000] [--rate-rps 100]
 
-Target (DESIGN.md): <= 10 s of wall time per run. The workload is ShareGPT-like
+Target (docs/facts.md): <= 10 s of wall time per run. The workload is ShareGPT-like
 (lognormal prompts, median 512 tokens; lognormal outputs, median 128), llama3-8b
 on H100 with the roofline cost model, KV over NVLink. Prints wall seconds,
 simulated seconds, steps and scheduled tokens per wall second.

@@ -5,7 +5,7 @@
 
 Measured in the same run, on the same card: bf16 F.linear (cuBLAS) for each
 shape and M, and a 1 GiB device-to-device copy (read + write counted, as
-DESIGN.md does) as the bandwidth baseline. For each shape, M and method it
+docs/facts.md does) as the bandwidth baseline. For each shape, M and method it
 prints the median time (triton.testing.do_bench, which flushes L2 before every
 run: weights come from HBM, as in a decode step), the speedup over bf16, and
 the bytes moved per second as a share of the copy's. For M >= 256 it times both

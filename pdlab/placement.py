@@ -98,6 +98,7 @@ def build_workload(args: argparse.Namespace, vocab_size: int, max_model_len: int
 
 
 def build_problem(args: argparse.Namespace):
+    from pdlab.models.source import model_config
     from pdlab.policy.scheduler import SchedulerConfig
     from pdlab.sim import GPUS, LINKS
     from pdlab.sim.models import sim_model
@@ -110,7 +111,7 @@ def build_problem(args: argparse.Namespace):
             raise ConfigError(f"{flag}: must be > 0, got {value:g}")
     if not 0 < args.attainment <= 1:
         raise ConfigError(f"--attainment: must be in (0, 1], got {args.attainment:g}")
-    model = sim_model(args.model)
+    model = sim_model(args.model, model_config)
     max_model_len = args.max_model_len or min(model.config.max_position_embeddings, 8192)
     try:
         scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -142,7 +142,7 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     `progress`: a bar of the requests simulated so far (`desc` names it)."""
     from tqdm.auto import tqdm
 
-    from pdlab.models.source import resolve_model
+    from pdlab.models.source import model_config, resolve_model
     from pdlab.models.tokenizer import ByteTokenizer
     from pdlab.policy.devices import gpus_of
     from pdlab.policy.scheduler import SchedulerConfig
@@ -151,7 +151,7 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     from pdlab.sim.models import SIM_MODELS, sim_model
     from pdlab.sim.profile_cost import ProfileCost
 
-    sim = sim_model(exp.model.name)  # the dense presets, the simulator-only MoE models, or a model directory
+    sim = sim_model(exp.model.name, model_config)  # the dense presets, the simulator-only MoE models, or a model directory
     model = sim.config
     tokenizer = ByteTokenizer.for_config(model) if exp.model.name in SIM_MODELS \
         else resolve_model(exp.model.name).load_tokenizer()
@@ -294,9 +294,10 @@ def check_model(exp: Experiment, runs: Sequence[RunSection]) -> None:
         resolve_model(exp.model.name)
         check_device(exp.instance_args())  # e.g. cuda asked for on a machine without it
     if "sim" in backends:
+        from pdlab.models.source import model_config
         from pdlab.sim.models import sim_model
 
-        sim_model(exp.model.name)
+        sim_model(exp.model.name, model_config)
 
 
 def check_writable(out_dir: Path) -> None:

@@ -22,6 +22,10 @@ import msgspec
 from pdlab.engine.weight_refs import SharedWeights
 from pdlab.sampling_params import SamplingParams
 
+# Where a decode instance's cache is, and the tcp transport's layer header: defined beside the transports that
+# read them, part of this module's messages (KVLayer arrives on the cache-queue port, KVDescriptor in a PrefillTask).
+from pdlab.transfer.descriptor import KVDescriptor, KVLayer, KVRank  # noqa: F401 (KVRank: re-exported)
+
 
 class MessageError(ValueError):
     """Bytes that are not a valid control-plane message."""
@@ -35,60 +39,6 @@ def _sampling_struct() -> type[msgspec.Struct]:
 
 
 SamplingMsg = _sampling_struct()
-
-
-class KVRank(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Where one tensor-parallel rank's cache is (the per-rank fields of `KVDescriptor`)."""
-
-    ipc_handle: bytes = b""
-    ipc_offset: int = 0
-    ipc_pid: int = 0
-    ipc_ptr: int = 0
-    ipc_device: int = 0
-    shm_name: str = ""
-    rdma_endpoint: str = ""
-
-
-class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Where and how a decode instance receives KV: enough for a prefill instance to push to it.
-
-    The cache fields describe rank 0's cache (of a tensor-parallel instance: its KV heads);
-    `ranks` holds every rank's own, and prefill rank r writes into decode rank r (`for_rank`).
-    """
-
-    instance_id: str
-    protocol: str  # "tcp", "ipc", "rdma"
-    cache_endpoint: str  # zmq address of the decode instance's cache-queue port
-    # The decode cache's layout; the prefill side checks it matches its own.
-    num_layers: int
-    num_blocks: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str
-    # ipc on GPUs: a CUDA IPC handle (64 bytes) of the allocation holding the cache, the
-    # cache's byte offset in it, and the exporter's pid and raw pointer (usable as is
-    # by a sender in the same process, where IPC handles cannot be opened).
-    ipc_handle: bytes = b""
-    ipc_offset: int = 0
-    ipc_pid: int = 0
-    ipc_ptr: int = 0
-    ipc_device: int = 0
-    # ipc on CPUs: the shared-memory file that holds the cache.
-    shm_name: str = ""
-    host: str = ""
-    # rdma: "host:port" of the decode instance's rdma comm port (one per GPU), where a prefill
-    # sets up its queue pair and learns the cache's memory region (pdlab/transfer/rdma.py).
-    rdma_endpoint: str = ""
-    # Tensor parallelism: the decode instance's size, and each rank's cache (empty: one rank).
-    tensor_parallel_size: int = 1
-    ranks: list[KVRank] = []
-
-    def for_rank(self, rank: int) -> KVDescriptor:
-        """The descriptor of rank `rank`'s cache."""
-        if not self.ranks:
-            return self
-        return msgspec.structs.replace(self, **msgspec.structs.asdict(self.ranks[rank]), ranks=[])
 
 
 # --- engine-worker-queue port --------------------------------------------------------
@@ -133,16 +83,6 @@ class AbortPrefill(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=
 
 
 # --- cache-queue port ------------------------------------------------------------------
-
-
-class KVLayer(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    """Header of one layer's blocks (tcp); the next frame holds [2, n, block_size, heads, head_dim] raw."""
-
-    request_id: str
-    layer: int
-    dst_block_ids: list[int]
-    dtype: str
-    shape: tuple[int, ...]
 
 
 class PrefillDone(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):

@@ -1,7 +1,7 @@
 """Decode steps replayed from CUDA graphs: one per batch size in a set, a step padded to the next size up.
 
 A decode step of a small batch is a few hundred kernel launches whose host
-cost exceeds their GPU time (DESIGN.md: HF `generate` is 12x the HBM floor,
+cost exceeds their GPU time (docs/facts.md: HF `generate` is 12x the HBM floor,
 mostly launch overhead). Each graph captures the model's forward pass for B
 decode queries reading its inputs from static buffers:
 

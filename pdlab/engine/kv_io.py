@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from pdlab.cluster.messages import KVDescriptor, KVRank
 from pdlab.engine.kv_cache import KVCache
 from pdlab.transfer import make_receiver, make_sender
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError
+from pdlab.transfer.descriptor import KVDescriptor, KVRank
 
 if TYPE_CHECKING:
     from pdlab.engine.parallel import TensorParallel

@@ -1,21 +1,16 @@
 """How close a simulated run is to the real run of the same requests: errors of the metrics that matter.
 
-Targets (docs/structures.md): below saturation, TTFT and TPOT p50 within 10% and p90 within 15% (5% as the
-aim); past it, goodput within 10%.
-
-    python -m pdlab.metrics.fidelity data/results/one_gpu_conversation \
-        --profile data/profiles/llama3-8b_bf16_tp1_h100.csv --step-overhead-ms 3.6 --mps-capacity 1.4
-
-replays every real run of a committed result in the simulator (its exact request list, with those settings,
-on as many GPUs as the machine had) and writes `fidelity.csv` beside it.
+Targets (docs/facts.md): below saturation, TTFT and TPOT p50 within 10% and p90 within 15% (5% as the aim); past it,
+goodput within 10%.
+`fidelity_table` compares records; replaying a result's real runs in the simulator to get them is
+`pdlab.fidelity`'s (`replay_pairs`, `write_fidelity`), above the simulator and the runner, which this package
+sits below. `python -m pdlab.metrics.fidelity ...` is that command's older name and still runs it.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+import runpy
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 
@@ -46,32 +41,6 @@ def fidelity_table(pairs: dict[str, tuple[Sequence[RequestRecord], Sequence[Requ
     return pd.DataFrame(rows)
 
 
-def replay_pairs(result, **settings) -> dict[str, tuple[list[RequestRecord], list[RequestRecord]]]:
-    """(real, sim) record pairs for every real run of `result` (e.g. a GPU run under data/results/): the twin
-    recorded beside it when the run said `backend: both`, else the run's request list replayed in the
-    simulator now, with the run's settings, at the same rate, on as many GPUs as the machine that measured it
-    had (from its provenance). `settings` replace the runs' own simulator settings, e.g.
-    `profile=PATH, step_overhead_ms=3.6, mps_capacity=1.4` (fields of `pdlab.experiment.RunSection`)."""
-    from pdlab.run import run_sim
-
-    pairs = pairs_from_result(result)
-    exp = result.experiment
-    num_gpus = len(result.provenance.get("device", {}).get("gpus") or []) or None
-    settings = {"num_gpus": num_gpus, **{k: v for k, v in settings.items() if v is not None}}
-    for run in result.runs.values():
-        label = _label(run)
-        if run.backend != "real" or label in pairs:
-            continue
-        replayed = run.run.model_copy(update=settings)
-        sim = run_sim(exp if run.rate_rps is None else exp.at_rate(run.rate_rps), replayed, progress=False).records
-        real_requests = sorted((r.request_id, round(r.arrival_s, 6), r.num_prompt_tokens) for r in run.records)
-        sim_requests = sorted((r.request_id, round(r.arrival_s, 6), r.num_prompt_tokens) for r in sim)
-        if real_requests != sim_requests:
-            raise ValueError(f"{label}: the simulator's request list differs from the recorded one")
-        pairs[label] = (run.records, sim)
-    return pairs
-
-
 def pairs_from_result(result) -> dict[str, tuple[list[RequestRecord], list[RequestRecord]]]:
     """The (real, sim) record pairs of an `ExperimentResult` whose runs have `backend: both`."""
     pairs = {}
@@ -80,49 +49,16 @@ def pairs_from_result(result) -> dict[str, tuple[list[RequestRecord], list[Reque
             continue
         twin = next(r for r in result.runs.values()
                     if r.run.name == run.run.name and r.backend == "sim" and r.rate_rps == run.rate_rps)
-        pairs[_label(run)] = (run.records, twin.records)
+        pairs[run_label(run)] = (run.records, twin.records)
     return pairs
 
 
-REPLAY_SETTINGS = ("profile", "step_overhead_ms", "mps_capacity")  # what write_fidelity records beside the errors
-
-
-def write_fidelity(out_dir: str | Path, **settings) -> Path:
-    """Replay the real runs of the result in `out_dir` (`replay_pairs` with `settings`) and write their errors
-    to fidelity.csv, with the settings (REPLAY_SETTINGS) in columns of their own."""
-    from pdlab.run import load_result
-
-    result = load_result(out_dir)
-    slo = result.experiment.slo
-    table = fidelity_table(replay_pairs(result, **settings), slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
-    for i, name in enumerate(REPLAY_SETTINGS, start=1):
-        value = settings.get(name)
-        table.insert(i, name, "" if value is None else Path(value).as_posix() if name == "profile" else value)
-    path = Path(out_dir) / "fidelity.csv"
-    table.to_csv(path, index=False, float_format="%.6g")
-    return path
-
-
-def _label(run) -> str:
+def run_label(run) -> str:
     """A real run's label in the error table: its name, and its rate in a sweep."""
     return run.run.name if run.rate_rps is None else f"{run.run.name}@{run.rate_rps:g}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pdlab.metrics.fidelity", description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="+", help="result folders (data/results/NAME) with records and provenance")
-    parser.add_argument("--profile", help="the profile table to replay with (default: each run's own)")
-    parser.add_argument("--step-overhead-ms", type=float, default=None,
-                        help="what a served instance adds to each engine step (see pdlab.sim.cost.ServedCost)")
-    parser.add_argument("--mps-capacity", type=float, default=None,
-                        help="how many GPUs' worth of work steps under MPS do together (see pdlab.sim.gpus.MpsGpu)")
-    args = parser.parse_args(argv)
-    for out_dir in args.results:
-        path = write_fidelity(out_dir, profile=args.profile, step_overhead_ms=args.step_overhead_ms,
-                              mps_capacity=args.mps_capacity)
-        print(f"wrote {path}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # The command's older name: run `python -m pdlab.fidelity` with the same arguments. By name, not by import,
+    # since these metrics must not depend on the simulator and the runner that the replay drives.
+    runpy.run_module("pdlab.fidelity", run_name="__main__", alter_sys=True)

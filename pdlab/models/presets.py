@@ -61,3 +61,8 @@ PRESETS: dict[str, ModelConfig] = {
         rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768,
         bos_token_id=1, eos_token_id=2, name="mistral-7b"),
 }
+
+# Models the simulator knows but the engine cannot run (mixtures of experts). Their shapes are defined with the
+# simulator (pdlab/sim/models.py: MOE_MODELS; a test checks both name the same models); the engine only needs
+# their names, to refuse them with a message that says where they run.
+SIMULATOR_ONLY_MODELS = ("ernie-4.5-300b-a47b",)

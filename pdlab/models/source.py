@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pdlab.errors import ConfigError, ModelNotFoundError
 from pdlab.models.config import ModelConfig
-from pdlab.models.presets import PRESETS
+from pdlab.models.presets import PRESETS, SIMULATOR_ONLY_MODELS
 from pdlab.models.tokenizer import ByteTokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -90,12 +90,15 @@ def resolve_model(name_or_path: str | Path) -> ModelSource:
         from pdlab.models.gguf_file import find_default_gguf
 
         return _gguf_source(find_default_gguf())
-    from pdlab.sim.models import MOE_MODELS  # the simulator's own models (torch-free), looked up only here
-
-    if name in MOE_MODELS:
+    if name in SIMULATOR_ONLY_MODELS:
         raise ConfigError(f"{name} is a mixture-of-experts model that only the simulator runs (a run with backend: sim, "
                           "python -m pdlab.placement); the engine runs dense Llama, Qwen and Mistral models")
     raise ModelNotFoundError(_not_found_message(name, path))
+
+
+def model_config(name_or_path: str | Path) -> ModelConfig:
+    """The shape of the model `resolve_model` finds (what the simulator needs of a directory or a GGUF file)."""
+    return resolve_model(name_or_path).config
 
 
 def _gguf_source(path: Path) -> ModelSource:

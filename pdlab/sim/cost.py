@@ -98,7 +98,7 @@ class GpuSpec:
     mem_bytes: int
 
 
-# Measured on this project's H100 80GB HBM3 (DESIGN.md, data/bench/engine_speed.json):
+# Measured on this project's H100 80GB HBM3 (docs/facts.md, data/bench/engine_speed.json):
 # 8192^3 bf16 matmul 783-803 TFLOP/s, device copy 3.0 TB/s, peer copy ~390 GB/s.
 H100 = GpuSpec("h100", peak_flops=790e12, mem_bandwidth_bytes_per_s=3.0e12,
                link_bandwidth_bytes_per_s=390e9, link_latency_s=10e-6, mem_bytes=80 << 30)
@@ -123,10 +123,10 @@ class RooflineCost:
     """Analytical step time of a dense or MoE transformer; see the module docstring for the formulas.
 
     The efficiencies are fitted knobs, not physics. Defaults:
-    - `compute_efficiency` 0.65: the prefill MFU target of DESIGN.md (a tuned
+    - `compute_efficiency` 0.65: the prefill MFU target of docs/facts.md (a tuned
       engine reaches 60-70% of measured matmul peak on long prompts);
     - `bandwidth_efficiency` 0.72: cuBLAS bf16 linears of llama3-8b at M <= 64
-      reach 72% of copy bandwidth (DESIGN.md);
+      reach 72% of copy bandwidth (docs/facts.md);
     - `step_overhead_s` 1 ms: scheduling, sampling and launches with CUDA graphs;
     - `allreduce_efficiency` 0.8 of the link bandwidth for the ring's transfers.
     Fit them to step times measured on the target engine (`pdlab.sim.fit.fit_roofline`

@@ -49,7 +49,7 @@ class LinkSpec:
         return self.latency_s + num_bytes / self.bandwidth_bytes_per_s
 
 
-# Defaults from measurements (DESIGN.md, research/simulators.md):
+# Defaults from measurements (docs/facts.md has their sources):
 # - nvlink: H100 peer copy / IPC kernel 340-395 GB/s at >= 16 MiB; 1 MiB copies reach ~50 GB/s, i.e. ~20 us fixed cost.
 # - pcie: Gen5 x16, pinned host<->device 55 GB/s each way.
 # - rdma: Mooncake on 8 x 400 Gb/s RoCE (vLLM connector, H800): T = 0.54 ms + S / 144 GB/s.

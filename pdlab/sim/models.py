@@ -6,13 +6,14 @@
 A `SimModel` is a dense `ModelConfig` (attention, embeddings, and the MLP of
 the layers before the first MoE layer) plus an optional `MoeSpec`. The engine
 runs dense models only: `pdlab.models.source.resolve_model` refuses the names
-in `MOE_MODELS` with a message that says so.
+in `MOE_MODELS` (`pdlab.models.presets.SIMULATOR_ONLY_MODELS`) with a message that says so.
 
 Standard library only (no torch), like the rest of the simulator.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdlab.errors import ModelNotFoundError
@@ -79,13 +80,18 @@ MOE_MODELS: dict[str, SimModel] = {"ernie-4.5-300b-a47b": ERNIE_45_300B_A47B}
 SIM_MODELS: dict[str, SimModel] = {**{name: SimModel(config) for name, config in PRESETS.items()}, **MOE_MODELS}
 
 
-def sim_model(name: str) -> SimModel:
-    """A name in `SIM_MODELS`, else whatever `resolve_model` accepts (a dense Hugging Face directory, a GGUF file)."""
+def sim_model(name: str, resolve_config: Callable[[str], ModelConfig] | None = None) -> SimModel:
+    """A name in `SIM_MODELS`, else the dense model whose config `resolve_config(name)` reads (a Hugging Face
+    directory or a GGUF file: pass `lambda name: pdlab.models.source.resolve_model(name).config`, which the
+    simulator does not import, since reading weights' files needs torch). Raises `ModelNotFoundError`, naming
+    the simulator-only models, when nothing matches."""
     if name in SIM_MODELS:
         return SIM_MODELS[name]
-    from pdlab.models.source import resolve_model
-
+    only_here = f"in the simulator only, {', '.join(MOE_MODELS)}"
+    if resolve_config is None:
+        raise ModelNotFoundError(f"the simulator knows no model called {name!r}: a preset ({', '.join(PRESETS)}); "
+                                 f"or, {only_here}")
     try:
-        return SimModel(resolve_model(name).config)
+        return SimModel(resolve_config(name))
     except ModelNotFoundError as e:
-        raise ModelNotFoundError(f"{e}; or, in the simulator only, {', '.join(MOE_MODELS)}") from None
+        raise ModelNotFoundError(f"{e}; or, {only_here}") from None

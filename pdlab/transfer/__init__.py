@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pdlab.cluster.messages import KVDescriptor
     from pdlab.engine.kv_cache import KVCache
     from pdlab.transfer.base import KVReceiver, KVSender
+    from pdlab.transfer.descriptor import KVDescriptor
 
 PROTOCOLS = ("tcp", "ipc", "rdma")
 

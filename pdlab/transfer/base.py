@@ -6,8 +6,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from pdlab.cluster.messages import KVDescriptor, KVLayer
 from pdlab.engine.kv_cache import KVCache
+from pdlab.transfer.descriptor import KVDescriptor, KVLayer
 
 
 class TransferError(RuntimeError):

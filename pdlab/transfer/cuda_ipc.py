@@ -21,12 +21,18 @@ import torch
 import triton
 import triton.language as tl
 
-from pdlab.cluster.messages import KVDescriptor
 from pdlab.engine.cuda_handles import (
-    IPC_HANDLE_BYTES, CudaIpcError, close_handle, enable_peer_access, export_handle, open_handle,
+    IPC_HANDLE_BYTES,
+    CudaIpcError,
+    close_handle,
+    enable_peer_access,
+    export_handle,
+    open_handle,
 )
 from pdlab.engine.kv_cache import KVCache
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError
+from pdlab.transfer.descriptor import KVDescriptor
+
 
 @triton.jit
 def _copy_blocks_kernel(src_ptr, dst_addr_ptr, src_ids_ptr, dst_ids_ptr, first_layer, src_num_blocks, dst_num_blocks,

@@ -47,9 +47,9 @@ from collections import deque
 
 import torch
 
-from pdlab.cluster.messages import KVDescriptor
 from pdlab.engine.kv_cache import KVCache
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError, gather_blocks
+from pdlab.transfer.descriptor import KVDescriptor
 from pdlab.transfer.rdma_setup import (
     RdmaHello,
     RdmaRefused,

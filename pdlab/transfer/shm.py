@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from pdlab.cluster.messages import KVDescriptor
 from pdlab.engine.kv_cache import KVCache
 from pdlab.models.load import DTYPES
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError
+from pdlab.transfer.descriptor import KVDescriptor
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "pdlab-kv-"

@@ -6,9 +6,9 @@ import warnings
 
 import torch
 
-from pdlab.cluster.messages import KVLayer, encode
 from pdlab.models.load import DTYPES
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError, gather_blocks
+from pdlab.transfer.descriptor import KVLayer, encode_layer
 
 
 class TcpSender(KVSender):
@@ -17,7 +17,7 @@ class TcpSender(KVSender):
         blocks = gather_blocks(self.local.kv, layer, src_block_ids).cpu()  # [2, n, bs, H, D]
         header = KVLayer(request_id, layer, list(dst_block_ids), self.dst.dtype, tuple(blocks.shape))
         # zmq keeps a reference to the buffer until it is sent: no extra copy.
-        self.socket.send_multipart([encode(header), blocks.view(torch.uint8).numpy()], copy=False)
+        self.socket.send_multipart([encode_layer(header), blocks.view(torch.uint8).numpy()], copy=False)
 
 
 class TcpReceiver(KVReceiver):

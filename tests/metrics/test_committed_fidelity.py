@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pdlab.metrics.fidelity import REPLAY_SETTINGS, write_fidelity
+from pdlab.fidelity import REPLAY_SETTINGS, write_fidelity
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = sorted(p.parent for p in (ROOT / "data" / "results").glob("*/fidelity.csv"))

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from pdlab.experiment import parse_experiment
-from pdlab.metrics.fidelity import fidelity_table, replay_pairs
+from pdlab.fidelity import replay_pairs
+from pdlab.metrics.fidelity import fidelity_table
 from pdlab.metrics.records import RequestRecord
 from pdlab.run import ExperimentResult, run_experiment
 

@@ -46,6 +46,12 @@ def test_sim_model_names_the_simulator_only_models_when_nothing_matches():
         sim_model("no-such-model")
 
 
+def test_the_engine_knows_the_simulator_only_models_by_name():
+    from pdlab.models.presets import SIMULATOR_ONLY_MODELS
+
+    assert set(SIMULATOR_ONLY_MODELS) == set(MOE_MODELS)
+
+
 def test_the_engine_refuses_a_mixture_of_experts_model():
     from pdlab.models.source import resolve_model
 

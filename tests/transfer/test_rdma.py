@@ -25,11 +25,11 @@ import pytest
 import torch
 import zmq
 
-from pdlab.cluster.messages import KVDescriptor
 from pdlab.engine.kv_cache import KVCache
 from pdlab.models.presets import PRESETS
 from pdlab.transfer import make_receiver, make_sender, rdma, rdma_setup, rdma_status
 from pdlab.transfer.base import TransferError
+from pdlab.transfer.descriptor import KVDescriptor
 from pdlab.transfer.rdma import RdmaSender
 from pdlab.transfer.rdma_setup import QpEndpoint, RdmaHello, RdmaRefused, RdmaWelcome, decode_setup, encode_setup
 

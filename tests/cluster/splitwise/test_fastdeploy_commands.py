@@ -1,4 +1,4 @@
-"""FastDeploy's multi-machine commands (../shared/FASTDEPLOY.md), as written but for the model name, the
+"""FastDeploy's multi-machine commands (docs/fastdeploy.md), as written but for the model name, the
 free ports of a test and `--device cpu` (the four ranks of each instance are gloo processes on the CPU).
 
 A prefill and a decode api_server register with the splitwise scheduler; requests sent to either one's

@@ -1,0 +1,1 @@
+"""Instances as processes: roles, control-plane messages, deployments (docs/structures.md)."""
