@@ -5,7 +5,7 @@
 
 replays every real run of a committed result in the simulator (its exact request list, with those settings,
 on as many GPUs as the machine had) and writes `fidelity.csv` beside it: the errors of
-`pdlab.metrics.fidelity.fidelity_table`. `python -m pdlab.metrics.fidelity` runs the same command.
+`pdlab.metrics.fidelity.fidelity_table`.
 """
 
 from __future__ import annotations

@@ -4,12 +4,11 @@ Targets (docs/facts.md): below saturation, TTFT and TPOT p50 within 10% and p90 
 goodput within 10%.
 `fidelity_table` compares records; replaying a result's real runs in the simulator to get them is
 `pdlab.fidelity`'s (`replay_pairs`, `write_fidelity`), above the simulator and the runner, which this package
-sits below. `python -m pdlab.metrics.fidelity ...` is that command's older name and still runs it.
+sits below (`python -m pdlab.fidelity`).
 """
 
 from __future__ import annotations
 
-import runpy
 from collections.abc import Sequence
 
 import pandas as pd
@@ -57,8 +56,3 @@ def run_label(run) -> str:
     """A real run's label in the error table: its name, and its rate in a sweep."""
     return run.run.name if run.rate_rps is None else f"{run.run.name}@{run.rate_rps:g}"
 
-
-if __name__ == "__main__":
-    # The command's older name: run `python -m pdlab.fidelity` with the same arguments. By name, not by import,
-    # since these metrics must not depend on the simulator and the runner that the replay drives.
-    runpy.run_module("pdlab.fidelity", run_name="__main__", alter_sys=True)
