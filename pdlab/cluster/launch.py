@@ -8,6 +8,7 @@ Ctrl-C does (`interrupt_on_sigterm`), so that the instances are stopped cleanly.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -51,10 +52,36 @@ def interrupt_on_sigterm() -> Callable[[], None]:
     return undo
 
 
+_LOWEST_PORT = 10000
+_ports = random.Random()  # not the experiment's seeds: port choice must not repeat between processes
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port that is free now, below the kernel's ephemeral range: a port the kernel hands out for bind(0)
+    can be taken by any outgoing connection (a client's, a zmq peer's) between this check and the
+    instance's bind, and a busy test run saw exactly that; ports below the range are only ever taken by an
+    explicit bind."""
+    low = _ephemeral_low()
+    for _ in range(100):
+        port = _ports.randrange(_LOWEST_PORT, low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # all tried were taken: let the kernel pick
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; other systems: their ranges start at 32768 or 49152
+    return max(low, _LOWEST_PORT + 1000)
 
 
 @dataclass

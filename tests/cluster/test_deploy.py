@@ -96,3 +96,15 @@ def test_an_instance_that_died_is_reported_by_its_error_line_not_its_traceback(t
                                   f"enabled (log: {log})")
     log.write_text("loading\nerror: no preset, directory or file is called 'x'\n")
     assert InstanceProcess("mixed", 1, 2, died, log).last_error() == "error: no preset, directory or file is called 'x'"
+
+
+def test_instance_ports_come_from_below_the_ephemeral_range_where_outgoing_connections_cannot_take_them():
+    import socket
+
+    from pdlab.cluster.launch import _ephemeral_low, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(10000 <= p < _ephemeral_low() for p in ports) and len(ports) > 15
+    for port in ports:  # each was free when chosen
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
