@@ -36,7 +36,7 @@ from pdlab.errors import ConfigError, PdlabError
 
 DEFAULT_PROMPT_LEN = "{kind: lognormal, median_tokens: 512, sigma: 0.8, max_tokens: 4096}"
 DEFAULT_OUTPUT_LEN = "{kind: lognormal, median_tokens: 128, sigma: 0.8, max_tokens: 1024}"
-WEIGHT_BITS = {"none": 16, "wint8": 8, "wint4": 4}
+QUANTIZATIONS = {"none": None, "wint8": "wint8", "wint4": "wint4"}  # the flag's values -> pdlab.policy.sizing's keys
 FLAGS = {"num_requests": "--num-requests", "arrival": "--arrival-cv", "prompt_len": "--prompt-len",
          "output_len": "--output-len", "trace": "--trace"}
 
@@ -99,7 +99,7 @@ def build_workload(args: argparse.Namespace, vocab_size: int, max_model_len: int
 
 def build_problem(args: argparse.Namespace):
     from pdlab.models.source import model_config
-    from pdlab.policy.scheduler import SchedulerConfig
+    from pdlab.policy import sizing
     from pdlab.sim import GPUS, LINKS
     from pdlab.sim.models import sim_model
     from pdlab.sim.placement import PlacementProblem
@@ -112,10 +112,9 @@ def build_problem(args: argparse.Namespace):
     if not 0 < args.attainment <= 1:
         raise ConfigError(f"--attainment: must be in (0, 1], got {args.attainment:g}")
     model = sim_model(args.model, model_config)
-    max_model_len = args.max_model_len or min(model.config.max_position_embeddings, 8192)
+    max_model_len = sizing.max_model_len(model.config.max_position_embeddings, args.max_model_len)
     try:
-        scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                    max_model_len=max_model_len)
+        scheduler = sizing.scheduler_config(args.max_num_seqs, args.max_num_batched_tokens, True, max_model_len)
     except ValueError as e:
         raise ConfigError(f"scheduler: {e}") from None
     requests = build_workload(args, model.config.vocab_size, max_model_len)
@@ -131,7 +130,8 @@ def build_problem(args: argparse.Namespace):
         raise ConfigError("--step-overhead-ms must be >= 0 and --mps-capacity >= 1")
     return PlacementProblem(model.config, requests, args.ttft_ms / 1e3, args.tpot_ms / 1e3, args.attainment,
                             gpu=GPUS[args.gpu], scheduler=scheduler, block_size=args.block_size,
-                            link=LINKS[args.link], weight_bits=WEIGHT_BITS[args.quantization], moe=model.moe,
+                            link=LINKS[args.link], moe=model.moe,
+                            weight_bits=sizing.WEIGHT_BITS[QUANTIZATIONS[args.quantization]],
                             routing=args.routing, profile=profile, step_overhead_s=args.step_overhead_ms / 1e3,
                             mps_capacity=args.mps_capacity)
 
@@ -196,7 +196,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pdlab.placement", description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--model", default="llama3-8b", help="a preset, a simulator-only model (ernie-4.5-300b-a47b) or a directory")
-    add("--quantization", choices=sorted(WEIGHT_BITS), default="none", help="weight-only quantization of the linears")
+    add("--quantization", choices=sorted(QUANTIZATIONS), default="none", help="weight-only quantization of the linears")
     add("--gpu", default="h100", choices=["h100"])
     add("--num-gpus", type=int, default=8, help="the GPU budget")
     add("--tp", default="1,2,4,8", help="TP degrees to try (colocated, and each phase unless given below)")
@@ -223,7 +223,7 @@ def make_parser() -> argparse.ArgumentParser:
     add("--trace", type=Path, help="a trace CSV (Azure or Vidur layout): its arrival gaps, and lengths by default")
     add("--max-num-seqs", type=int, default=128)
     add("--max-num-batched-tokens", type=int, default=8192)
-    add("--max-model-len", type=int, help="default: the model's context, at most 8192")
+    add("--max-model-len", type=int, help="default: the model's context, at most 8192 (as the engine's)")
     add("--block-size", type=int, default=16)
     add("--seed", type=int, default=0)
     add("--jobs", type=int, default=os.cpu_count() or 1, help="processes to search on (default: one per core)")

@@ -145,7 +145,7 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     from pdlab.models.source import model_config, resolve_model
     from pdlab.models.tokenizer import ByteTokenizer
     from pdlab.policy.devices import gpus_of
-    from pdlab.policy.scheduler import SchedulerConfig
+    from pdlab.policy import sizing
     from pdlab.sim import GPUS, LINKS, InstanceSpec, Layout, simulate
     from pdlab.sim.cost import ServedCost
     from pdlab.sim.models import SIM_MODELS, sim_model
@@ -157,13 +157,11 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
         else resolve_model(exp.model.name).load_tokenizer()
     requests = build_requests(exp, tokenizer)
     e = exp.engine
-    weight_bits = {None: 16, "wint8": 8, "wint4": 4}[exp.model.quantization]
-    max_model_len = e.max_model_len or min(model.max_position_embeddings, 8192)
+    weight_bits = sizing.WEIGHT_BITS[exp.model.quantization]
+    max_model_len = sizing.max_model_len(model.max_position_embeddings, e.max_model_len)
     try:
-        scheduler = SchedulerConfig(
-            max_num_seqs=e.max_num_seqs,
-            max_num_batched_tokens=e.max_num_batched_tokens or (2048 if e.enable_chunked_prefill else max_model_len),
-            enable_chunked_prefill=e.enable_chunked_prefill, max_model_len=max_model_len)
+        scheduler = sizing.scheduler_config(e.max_num_seqs, e.max_num_batched_tokens, e.enable_chunked_prefill,
+                                            max_model_len)
     except ValueError as err:
         raise PdlabError(f"engine: {err}") from None
 

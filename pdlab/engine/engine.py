@@ -23,6 +23,7 @@ from pdlab.models.sharding import Shard
 from pdlab.models.source import resolve_model
 from pdlab.models.tokenizer import encode_chat
 from pdlab.models.transformer import Transformer
+from pdlab.policy import sizing
 from pdlab.policy.block_manager import BlockManager
 from pdlab.policy.request import Request
 from pdlab.policy.scheduler import Scheduler, SchedulerConfig
@@ -31,7 +32,6 @@ from pdlab.sampling_params import SamplingParams
 log = logging.getLogger("pdlab.engine")
 
 CPU_KV_CACHE_BYTES = 512 << 20
-MAX_DEFAULT_MODEL_LEN = 8192
 
 
 def build_executor(config: EngineConfig, source, device: torch.device, dtype: torch.dtype, tp=None,
@@ -47,7 +47,7 @@ def build_executor(config: EngineConfig, source, device: torch.device, dtype: to
         model = load_model(source, dtype, device, config.seed, config.quantization, tp)
     else:
         model = map_weights(shared_weights, source.config, dtype, device, source.location, config.quantization)
-    max_model_len = config.max_model_len or min(source.config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+    max_model_len = sizing.max_model_len(source.config.max_position_embeddings, config.max_model_len)
     plan = memory_plan(config, device, shared_weights)
     num_blocks = kv_cache_blocks(config, model.local_config, dtype, plan)
     if tp is not None:
@@ -99,13 +99,8 @@ def kv_cache_blocks(config: EngineConfig, local_config: ModelConfig, dtype: torc
 
 def scheduler_config(config: EngineConfig, max_model_len: int) -> SchedulerConfig:
     try:
-        return SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens
-            or (2048 if config.enable_chunked_prefill else max_model_len),
-            enable_chunked_prefill=config.enable_chunked_prefill,
-            max_model_len=max_model_len,
-        )
+        return sizing.scheduler_config(config.max_num_seqs, config.max_num_batched_tokens,
+                                       config.enable_chunked_prefill, max_model_len)
     except ValueError as e:
         raise ConfigError(f"engine config: {e}") from None
 
