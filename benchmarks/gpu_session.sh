@@ -51,9 +51,9 @@ stage engine && run engine-speed 600 python3 benchmarks/engine_speed.py --model 
   --variants "${VARIANTS:-bf16,bf16-eager,wint8,wint4}" ${HF---hf} --out "$OUT/engine_speed.json"
 # The grid experiments/h200_single_conversation.yaml's replay needs (save as data/profiles/llama3-8b_<q>_tp1_<card>.csv).
 grid="--prefill-tokens 16,64,256,512,1024,2048,4096,8192 --decode-batches 1,4,16,32,64,128 --decode-contexts ${CONTEXTS:-128,512,1024,2048}"
-stage profiles && profile bf16 && run profile-bf16 300 python3 -m pdlab.profile --model llama3-8b --device cuda --dtype bfloat16 $grid \
+stage profiles && profile bf16 && run profile-bf16 300 python3 -m pdlab.profiler --model llama3-8b --device cuda --dtype bfloat16 $grid \
   --out "$OUT/llama3-8b_bf16_tp1.csv"
-stage profiles && profile wint4 && run profile-wint4 300 python3 -m pdlab.profile --model llama3-8b --device cuda --dtype bfloat16 $grid \
+stage profiles && profile wint4 && run profile-wint4 300 python3 -m pdlab.profiler --model llama3-8b --device cuda --dtype bfloat16 $grid \
   --quantization wint4 --out "$OUT/llama3-8b_wint4_tp1.csv"
 if stage experiment; then  # one served run; its results folder comes back as one archive
   exp=experiments/h200_single_conversation.yaml; [ "$GPUS" -ge 2 ] && exp=experiments/h100_pair_conversation.yaml

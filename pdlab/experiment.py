@@ -101,7 +101,7 @@ class RunSection(Section):
     # real: instance processes on this machine; sim: the SimPy model with an analytical cost model; both: each.
     backend: Literal["real", "sim", "both"] = "real"
     gpu: Literal["h100"] = "h100"  # sim: the GPU the roofline cost model assumes
-    # sim: step times from profile tables (`python -m pdlab.profile`, one per phase's TP size) instead of
+    # sim: step times from profile tables (`python -m pdlab.profiler`, one per phase's TP size) instead of
     # the roofline; `profile` for every instance, or `prefill_profile`/`decode_profile` per phase.
     profile: Path | None = None
     prefill_profile: Path | None = None

@@ -3,7 +3,7 @@
     python -m pdlab.placement --model ernie-4.5-300b-a47b --quantization wint4 --num-gpus 8 --tp 4,8 \
         --ttft-ms 3000 --tpot-ms 150
 
-DistServe's search over the simulator (`pdlab.sim.placement`): every
+DistServe's search over the simulator (`pdlab.sim.search`): every
 colocated layout (n mixed instances of TP t) and every disaggregated one
 (x prefill instances of TP t_p, y decode instances of TP t_d) within the
 budget (and, with `--one-gpu-pairs`, a prefill and a decode instance sharing
@@ -102,7 +102,7 @@ def build_problem(args: argparse.Namespace):
     from pdlab.policy import sizing
     from pdlab.sim import GPUS, LINKS
     from pdlab.sim.models import sim_model
-    from pdlab.sim.placement import PlacementProblem
+    from pdlab.sim.search import PlacementProblem
 
     if args.num_gpus < 1:
         raise ConfigError(f"--num-gpus: must be >= 1, got {args.num_gpus}")
@@ -137,7 +137,7 @@ def build_problem(args: argparse.Namespace):
 
 
 def search_candidates(args: argparse.Namespace, problem):
-    from pdlab.sim.placement import candidates, shared_gpu_pairs
+    from pdlab.sim.search import candidates, shared_gpu_pairs
 
     tps = _ints("--tp", args.tp)
     prefill_tps, decode_tps = _ints("--prefill-tp", args.prefill_tp), _ints("--decode-tp", args.decode_tp)
@@ -206,7 +206,7 @@ def make_parser() -> argparse.ArgumentParser:
     add("--one-gpu-pairs", default="", metavar="SPEC,SPEC",
         help="also try a prefill and a decode instance on ONE GPU: time (time-sliced) or mps:P/D (SM percent of "
              "prefill and decode), e.g. time,mps:100/100,mps:70/100,mps:60/40")
-    add("--profile", type=Path, help="step times of TP-1 instances from this table (python -m pdlab.profile)")
+    add("--profile", type=Path, help="step times of TP-1 instances from this table (python -m pdlab.profiler)")
     add("--step-overhead-ms", type=float, default=0.0, help="what a served instance adds to every step")
     add("--mps-capacity", type=float, default=1.0, help="GPUs' worth of work concurrent steps under MPS do together")
     add("--link", default="nvlink", choices=["nvlink", "pcie", "rdma", "ideal"], help="the KV link of PD layouts")
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from tqdm import tqdm
 
-        from pdlab.sim.placement import evaluate, rank
+        from pdlab.sim.search import evaluate, rank
 
         if args.jobs < 1:
             raise ConfigError(f"--jobs: must be >= 1, got {args.jobs}")

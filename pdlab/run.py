@@ -92,8 +92,8 @@ def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | N
     """Serve the workload on real instance processes of the run's layout, once per rate of the sweep
     (one deployment for all of them, warmed up first with `warmup_requests` discarded requests); time it
     at the client. Yields each rate's result as soon as it is measured."""
-    from pdlab.backends.balance import Balanced
-    from pdlab.backends.replay import replay
+    from pdlab.loadgen.balance import Balanced
+    from pdlab.loadgen.replay import replay
     from pdlab.cluster.client import RemoteEngine
     from pdlab.cluster.deploy import Deployment
     from pdlab.models.source import resolve_model

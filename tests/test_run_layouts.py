@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pdlab.backends.balance import Balanced
+from pdlab.loadgen.balance import Balanced
 from pdlab.errors import ConfigError
 from pdlab.experiment import parse_experiment
 from pdlab.run import run_experiment
@@ -111,7 +111,7 @@ def test_a_real_sweep_serves_every_rate_on_one_deployment(tmp_path):
 
 
 def test_a_simulated_run_takes_its_step_times_from_a_profile_table(tmp_path):
-    from pdlab.profile import write_profile
+    from pdlab.profiler import write_profile
 
     rows = [{"phase": "prefill", "num_seqs": 1, "num_tokens": n, "context_tokens": n, "step_ms": 5 + n / 100}
             for n in (16, 256, 1024)]

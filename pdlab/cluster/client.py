@@ -1,7 +1,7 @@
 """Talk to an instance's engine-worker-queue port: submit requests, receive their tokens.
 
 `RemoteEngine` gives a running instance (mixed, or a disaggregated pair's decode
-entry point) the engine interface that `pdlab.backends.replay` drives, with
+entry point) the engine interface that `pdlab.loadgen.replay` drives, with
 every timestamp taken here, at the client, so that colocated and disaggregated
 runs are measured at the same point.
 """

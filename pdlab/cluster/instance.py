@@ -32,8 +32,8 @@ from pdlab.cluster.messages import (
     AbortRequest, GenerateRequest, KVLayer, MessageError, Ping, PrefillDone, PrefillFailed, Pong, WeightsOffer,
     WeightsRequest, decode, encode,
 )
-from pdlab.cluster.metrics import InstanceMetrics
-from pdlab.cluster.protocols import usable_protocols
+from pdlab.cluster.prometheus import InstanceMetrics
+from pdlab.cluster.kv_protocols import usable_protocols
 from pdlab.engine.engine import LLMEngine
 from pdlab.errors import ConfigError, PdlabError
 from pdlab.lifetime import follow_parent

@@ -11,7 +11,7 @@ from pdlab.sim.links import LINKS, Link, LinkSpec
 from pdlab.sim.models import SIM_MODELS, SimModel, sim_model
 from pdlab.sim.profile_cost import ProfileCost
 from pdlab.sim.router import SplitwiseRouter
-from pdlab.sim.run import simulate, simulate_cluster
+from pdlab.sim.simulation import simulate, simulate_cluster
 
 __all__ = [
     "GPUS", "H100", "LINKS", "SIM_MODELS", "CostModel", "FixedCost", "GpuSpec", "InstanceSpec", "Layout", "Link",

@@ -130,7 +130,7 @@ class RooflineCost:
     - `step_overhead_s` 1 ms: scheduling, sampling and launches with CUDA graphs;
     - `allreduce_efficiency` 0.8 of the link bandwidth for the ring's transfers.
     Fit them to step times measured on the target engine (`pdlab.sim.fit.fit_roofline`
-    over a `python -m pdlab.profile` table), or use that table itself (`ProfileCost`).
+    over a `python -m pdlab.profiler` table), or use that table itself (`ProfileCost`).
     """
 
     model: ModelConfig

@@ -1,4 +1,4 @@
-"""Fit the roofline's efficiencies to step times measured on a real engine (a `python -m pdlab.profile` table).
+"""Fit the roofline's efficiencies to step times measured on a real engine (a `python -m pdlab.profiler` table).
 
     fit = fit_roofline(ProfileRows.from_csv("data/profiles/llama3-8b-h100.csv"), RooflineCost(PRESETS["llama3-8b"]))
     cost = fit.cost  # the same RooflineCost with the fitted efficiencies and overhead
@@ -67,7 +67,7 @@ def fit_roofline(rows: Iterable[Mapping], cost: RooflineCost, max_iterations: in
     """Least-squares `compute_efficiency`, `bandwidth_efficiency` and `step_overhead_s` of `cost` for `rows`.
 
     `rows` are profile rows (`phase`, `num_seqs`, `num_tokens`, `context_tokens`,
-    `step_ms`, as `python -m pdlab.profile` writes them) measured on the
+    `step_ms`, as `python -m pdlab.profiler` writes them) measured on the
     model and GPU `cost` describes. Raises ValueError when the rows cannot
     determine the fit (fewer than three, or all alike) or give an efficiency
     outside (0, 1] (then the GPU's peak numbers in `cost.gpu` are off).

@@ -123,7 +123,7 @@ class SimInstance:
 
 
 @dataclass
-class PrefillTask:
+class PrefillJob:
     request_id: str
     decode: DecodeInstance
     transfers: list[simpy.Event] = field(default_factory=list)  # one per computed chunk, on the link
@@ -139,7 +139,7 @@ class PrefillInstance(SimInstance):
         self.link = link
         self.kv_bytes_per_token = kv_bytes_per_token
         self.num_layers = num_layers
-        self.tasks: dict[str, PrefillTask] = {}  # dispatched here, KV not yet delivered
+        self.tasks: dict[str, PrefillJob] = {}  # dispatched here, KV not yet delivered
         self.num_tasks = 0  # tasks ever dispatched here
         self.num_task_tokens = 0  # their known tokens (what FastDeploy's prefill load counts)
 
@@ -151,7 +151,7 @@ class PrefillInstance(SimInstance):
         """Compute `request`'s prompt (the decode side's object is not touched) for `decode`."""
         local = Request(request.request_id, request.prompt_token_ids, replace(request.params, max_tokens=1),
                         arrival_time_s=request.arrival_time_s, keep_blocks_after_finish=True)
-        self.tasks[request.request_id] = PrefillTask(request.request_id, decode)
+        self.tasks[request.request_id] = PrefillJob(request.request_id, decode)
         self.num_tasks += 1
         self.num_task_tokens += request.num_tokens
         self.add(local)
@@ -175,7 +175,7 @@ class PrefillInstance(SimInstance):
             else:
                 self.env.process(self._deliver(task, tail_s))
 
-    def _deliver(self, task: PrefillTask, tail_s: float):
+    def _deliver(self, task: PrefillJob, tail_s: float):
         if tail_s > 0:
             yield self.env.timeout(tail_s)
         for transfer in task.transfers:
@@ -183,7 +183,7 @@ class PrefillInstance(SimInstance):
                 yield transfer
         self._deliver_now(task)
 
-    def _deliver_now(self, task: PrefillTask) -> None:
+    def _deliver_now(self, task: PrefillJob) -> None:
         del self.tasks[task.request_id]
         task.decode.receive(task.request_id)
         self.scheduler.release(task.request_id)

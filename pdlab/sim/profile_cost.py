@@ -1,4 +1,4 @@
-"""`ProfileCost`: step times interpolated from a table measured on the real engine (`python -m pdlab.profile`).
+"""`ProfileCost`: step times interpolated from a table measured on the real engine (`python -m pdlab.profiler`).
 
 The table has prefill rows (one prompt of `num_tokens` in one step) and
 decode rows (`num_seqs` sequences of `context_tokens` context, one token each).

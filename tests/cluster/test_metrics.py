@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pdlab.cluster.client import RemoteEngine, ping
 from pdlab.cluster.launch import InstanceProcess, free_port, start_instance
-from pdlab.cluster.metrics import FINISH_REASONS, TRANSFER_FAILURES, InstanceMetrics
+from pdlab.cluster.prometheus import FINISH_REASONS, TRANSFER_FAILURES, InstanceMetrics
 from pdlab.engine.outputs import RequestOutput
 from pdlab.models.presets import PRESETS
 from pdlab.policy.block_manager import BlockManager

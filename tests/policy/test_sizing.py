@@ -16,7 +16,7 @@ def test_the_defaults():
 
 def test_the_engine_and_a_simulated_run_size_an_instance_alike(monkeypatch):
     """The scheduler limits the engine would take and those run_sim gives its simulated instance agree."""
-    import pdlab.sim.run as sim_run
+    import pdlab.sim.simulation as sim_run
     from pdlab.experiment import parse_experiment
     from pdlab.models.source import resolve_model
     from pdlab.run import run_sim

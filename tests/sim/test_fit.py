@@ -15,7 +15,7 @@ TRUE = RooflineCost(MODEL, compute_efficiency=0.48, bandwidth_efficiency=0.83, s
 
 
 def profile_rows(cost=TRUE, noise=0.0, seed=0):
-    """The rows `python -m pdlab.profile` writes, with the times `cost` predicts (times 1 +- noise)."""
+    """The rows `python -m pdlab.profiler` writes, with the times `cost` predicts (times 1 +- noise)."""
     rng = random.Random(seed)
     rows = [{"phase": "prefill", "num_seqs": 1, "num_tokens": n, "context_tokens": n}
             for n in (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)]

@@ -3,7 +3,7 @@
 import pytest
 
 from pdlab.models.presets import PRESETS
-from pdlab.sim.placement import Candidate, PlacementProblem, candidates, goodput, search_placement
+from pdlab.sim.search import Candidate, PlacementProblem, candidates, goodput, search_placement
 from pdlab.workload import FixedLength, LognormalLength, PoissonArrivals, WorkloadSpec, make_workload
 
 
@@ -62,7 +62,7 @@ def test_candidates_per_phase_tp():
 
 
 def test_one_gpu_pairs_are_searched_beside_the_colocated_instance(problem):
-    from pdlab.sim.placement import shared_gpu_pairs
+    from pdlab.sim.search import shared_gpu_pairs
 
     pairs = shared_gpu_pairs(["time", "mps:100/100", "mps:60/40"])
     assert [c.name for c in pairs] == ["1P+1D on 1 GPU, time-sliced", "1P+1D on 1 GPU, MPS 100/100",
@@ -82,7 +82,7 @@ def test_one_gpu_pairs_are_searched_beside_the_colocated_instance(problem):
 
 def test_an_experiment_run_is_named_as_the_search_names_its_layout():
     from pdlab.experiment import RunSection
-    from pdlab.sim.placement import candidate_of_run
+    from pdlab.sim.search import candidate_of_run
 
     def name(**run) -> str:
         return candidate_of_run(RunSection(name="x", **run), num_gpus=1).name

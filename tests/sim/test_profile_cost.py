@@ -47,7 +47,7 @@ def test_a_mixed_step_adds_the_decodes_attention_over_their_context_to_one_pass_
 
 
 def test_profile_cli_table_drives_the_simulator(tmp_path):
-    from pdlab.profile import main
+    from pdlab.profiler import main
 
     out = tmp_path / "tiny.csv"
     assert main(["--model", "tiny", "--device", "cpu", "--prefill-tokens", "8,32", "--decode-batches", "1,4",
@@ -63,7 +63,7 @@ def test_decode_rows_time_the_whole_batch_even_when_its_prefill_takes_many_steps
     # 8 prompts of 96 tokens at 32 batched tokens a step: the first prompts decode for ~24 steps beside the
     # others' chunks before timing starts. Every timed step must still decode all 8.
     from pdlab.engine.engine import LLMEngine
-    from pdlab.profile import profile_engine
+    from pdlab.profiler import profile_engine
 
     seen = []
     real_step = LLMEngine.step

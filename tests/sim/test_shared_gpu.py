@@ -19,7 +19,7 @@ def trace(layout: Layout, requests, step_s: float):
     import simpy
 
     from pdlab.sim.cluster import SimCluster
-    from pdlab.sim.run import _arrivals
+    from pdlab.sim.simulation import _arrivals
 
     env = simpy.Environment()
     cluster = SimCluster(env, layout, FixedCost(step_s), seed=0)

@@ -6,8 +6,8 @@ def test_simulator_never_imports_torch():
     # A fresh interpreter runs a whole simulation; torch must not be among the modules it loaded.
     code = (
         "import sys\n"
-        "import pdlab.sim, pdlab.sim.cost, pdlab.sim.links, pdlab.sim.instance, pdlab.sim.cluster, pdlab.sim.run\n"
-        "import pdlab.sim.placement, pdlab.sim.profile_cost, pdlab.sim.router, pdlab.sim.models, pdlab.sim.fit\n"
+        "import pdlab.sim, pdlab.sim.cost, pdlab.sim.links, pdlab.sim.instance, pdlab.sim.cluster, pdlab.sim.simulation\n"
+        "import pdlab.sim.search, pdlab.sim.profile_cost, pdlab.sim.router, pdlab.sim.models, pdlab.sim.fit\n"
         "import pdlab.placement\n"
         "from pdlab.models.presets import PRESETS\n"
         "from pdlab.policy.scheduler import SchedulerConfig\n"

@@ -1,6 +1,6 @@
-"""`python -m pdlab.profile`: time the real engine's steps on this machine, for the simulator's `ProfileCost`.
+"""`python -m pdlab.profiler`: time the real engine's steps on this machine, for the simulator's `ProfileCost`.
 
-    python -m pdlab.profile --model llama3-8b --device cuda --out data/profiles/llama3-8b-h100.csv
+    python -m pdlab.profiler --model llama3-8b --device cuda --out data/profiles/llama3-8b-h100.csv
 
 Two kinds of rows, each the median of `--repeats` timed steps after one untimed one:
 - prefill: one request's whole prompt of `num_tokens` tokens in one step;
@@ -115,7 +115,7 @@ def write_profile(rows: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pdlab.profile", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pdlab.profiler", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2", help="a preset, a Hugging Face directory or a GGUF file")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")

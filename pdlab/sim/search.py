@@ -34,7 +34,7 @@ from pdlab.sim.cluster import Layout
 from pdlab.sim.cost import H100, CostModel, GpuSpec, MoeSpec, RooflineCost, ServedCost
 from pdlab.sim.instance import InstanceSpec
 from pdlab.sim.links import LINKS, LinkSpec
-from pdlab.sim.run import simulate
+from pdlab.sim.simulation import simulate
 from pdlab.workload.workload import RequestSpec
 
 
