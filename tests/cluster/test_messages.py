@@ -36,6 +36,7 @@ from pdlab.cluster.messages import (
 from pdlab.engine.weight_refs import QuantizedRef, SharedWeights, TensorRef
 from pdlab.errors import InvalidRequestError
 from pdlab.sampling_params import SamplingParams
+from tests.fuzz import corrupted
 
 MESSAGE_TYPES = typing.get_args(messages.Message)
 
@@ -260,20 +261,7 @@ def test_random_bytes_decode_to_a_message_or_raise_message_error(data):
 @settings(max_examples=500, deadline=None)
 @given(st.sampled_from(EXAMPLES).map(encode), st.data())
 def test_corrupted_encodings_decode_to_a_message_or_raise_message_error(data, draw):
-    data = bytearray(data)
-    for _ in range(draw.draw(st.integers(1, 4))):
-        i = draw.draw(st.integers(0, len(data)))
-        edit = draw.draw(st.sampled_from(["replace", "insert", "delete", "truncate"]))
-        byte = draw.draw(st.integers(0, 255))
-        if edit == "replace" and i < len(data):
-            data[i] = byte
-        elif edit == "insert":
-            data.insert(i, byte)
-        elif edit == "delete" and i < len(data):
-            del data[i]
-        elif edit == "truncate":
-            del data[i:]
-    decodes_or_rejects(bytes(data))
+    decodes_or_rejects(corrupted(data, draw.draw, max_edits=4, edits=("replace", "insert", "delete", "truncate")))
 
 
 @settings(max_examples=200, deadline=None)

@@ -13,6 +13,7 @@ from pdlab.cluster.messages import MessageError, RequestUpdate, SamplingMsg
 from pdlab.cluster.splitwise.keys import Keys
 from pdlab.cluster.splitwise.router import pair_protocol
 from pdlab.cluster.splitwise.wire import NodeInfo, Task, TaskAbort, decode_inbox, decode_node, decode_update, encode
+from tests.fuzz import corrupted
 
 SAMPLING = SamplingMsg(max_tokens=64, temperature=0.7, top_p=0.9, top_k=20, seed=99, stop=("\n",),
                        stop_token_ids=(2,), ignore_eos=True, include_stop_str_in_output=True, logprobs=3)
@@ -51,25 +52,12 @@ def test_garbage_and_pickle_payloads_are_refused(decoder, data):
 DECODES_TO = [(decode_node, (NodeInfo,)), (decode_inbox, (Task, TaskAbort)), (decode_update, (RequestUpdate,))]
 
 
-def corrupted(data: bytes, draw) -> bytes:
-    """`data` with a few bytes replaced, inserted or deleted: often still JSON, sometimes still a struct."""
-    data = bytearray(data)
-    for _ in range(draw(st.integers(1, 3))):
-        i = draw(st.integers(0, len(data)))
-        byte = draw(st.sampled_from(b'{}[]",:0123456789aetnrsu '))
-        edit = draw(st.sampled_from(["replace", "insert", "delete"]))
-        if edit == "replace" and i < len(data):
-            data[i] = byte
-        elif edit == "insert":
-            data.insert(i, byte)
-        elif edit == "delete" and i < len(data):
-            del data[i]
-    return bytes(data)
+JSON_BYTES = list(b'{}[]",:0123456789aetnrsu ')  # edits that often leave JSON, and sometimes a struct
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300) | st.sampled_from([encode(v) for v in (NODE, TASK, TaskAbort("x#1"), UPDATE)])
-       .flatmap(lambda data: st.composite(lambda draw: corrupted(data, draw))()))
+       .flatmap(lambda data: st.composite(lambda draw: corrupted(data, draw, JSON_BYTES))()))
 def test_random_and_corrupted_bytes_decode_to_the_right_struct_or_raise_message_error(data):
     for decoder, types in DECODES_TO:
         try:
