@@ -63,36 +63,13 @@ class Client:
         self.sock.close(linger=0)
 
 
-def ping(endpoint: str, timeout_s: float = 1.0, context: zmq.Context | None = None, token: bytes | None = None
-         ) -> Pong | None:
-    """The instance's `Pong` (its load and free blocks), or None if it does not answer in time.
+def ask(endpoint: str, message, reply_type: type, timeout_s: float, context: zmq.Context | None = None,
+        token: bytes | None = None, resend_s: float | None = None):
+    """Send `message` to an instance's port and wait up to `timeout_s` for a reply of `reply_type` (anything else
+    that arrives is skipped); None if none came. With `resend_s`, send again on a fresh connection every
+    `resend_s` seconds (a message sent before the instance bound its port is lost).
     `token`: the cluster token (default $PDLAB_CLUSTER_TOKEN)."""
     ctx = context or zmq.Context.instance()
-    token = token if token is not None else cluster_token()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        sock.send_multipart(seal(token, [encode(Ping())]))
-        deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            if not sock.poll(int(left * 1000) + 1):
-                break
-            try:
-                message = decode(sock.recv())
-            except MessageError:
-                continue
-            if isinstance(message, Pong):
-                return message
-        return None
-    finally:
-        sock.close(linger=0)
-
-
-def fetch_weights(endpoint: str, timeout_s: float, token: bytes | None = None) -> WeightsOffer | None:
-    """Ask the instance at `endpoint` how to map its weights, waiting up to `timeout_s` for it to come up
-    (it answers once its model has loaded); None if it never answered."""
-    ctx = zmq.Context.instance()
     token = token if token is not None else cluster_token()
     deadline = time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:
@@ -100,17 +77,34 @@ def fetch_weights(endpoint: str, timeout_s: float, token: bytes | None = None) -
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(endpoint)
-            sock.send_multipart(seal(token, [encode(WeightsRequest())]))
-            if sock.poll(int(min(left, 5.0) * 1000) + 1):  # re-sent every 5 s: a request sent before it bound is lost
+            sock.send_multipart(seal(token, [encode(message)]))
+            attempt_end = time.monotonic() + min(left, resend_s or left)
+            while (wait := attempt_end - time.monotonic()) > 0:
+                if not sock.poll(int(wait * 1000) + 1):
+                    break
                 try:
-                    message = decode(sock.recv())
+                    reply = decode(sock.recv())
                 except MessageError:
                     continue
-                if isinstance(message, WeightsOffer):
-                    return message
+                if isinstance(reply, reply_type):
+                    return reply
         finally:
             sock.close(linger=0)
+        if resend_s is None:
+            return None
     return None
+
+
+def ping(endpoint: str, timeout_s: float = 1.0, context: zmq.Context | None = None, token: bytes | None = None
+         ) -> Pong | None:
+    """The instance's `Pong` (its load and free blocks), or None if it does not answer in time."""
+    return ask(endpoint, Ping(), Pong, timeout_s, context, token)
+
+
+def fetch_weights(endpoint: str, timeout_s: float, token: bytes | None = None) -> WeightsOffer | None:
+    """Ask the instance at `endpoint` how to map its weights, waiting up to `timeout_s` for it to come up
+    (it answers once its model has loaded); None if it never answered."""
+    return ask(endpoint, WeightsRequest(), WeightsOffer, timeout_s, token=token, resend_s=5.0)
 
 
 class RemoteEngine:

@@ -78,3 +78,23 @@ def test_a_daemon_that_fails_to_start_is_reported_with_its_reason_and_cleaned_up
     with pytest.raises(MpsError, match="already running"):
         daemon.start()
     assert not daemon.started and daemon._dir is None
+
+
+def test_an_instance_without_gpu_weights_says_why_it_cannot_share_them_and_the_mapper_fails_in_one_line(cluster):
+    """On CPUs: the offer carries the reason instead of handles, and a decode told to map it refuses to start."""
+    import torch
+
+    from pdlab.cluster.client import fetch_weights
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a CUDA GPU (on a GPU the weights are shared)")
+    mixed = cluster.start("mixed", "tiny", ["--max-model-len", "128"])
+    mixed.wait_ready(120)
+    offer = fetch_weights(mixed.endpoint, timeout_s=10)
+    assert offer is not None and offer.weights is None
+    assert "cannot share its weights" in offer.error and "GPU" in offer.error
+    mapper = cluster.start("decode", "tiny", ["--max-model-len", "128", "--weights-from",
+                                              str(mixed.engine_worker_queue_port)])
+    with pytest.raises(Exception, match=r"--weights-from \d+: .*cannot share its weights"):
+        mapper.wait_ready(120)
+    assert "Traceback" not in mapper.log_path.read_text()
