@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from pdlab.experiment import parse_experiment
-from pdlab.run import TABLE_ROWS, format_report, run_experiment
+from pdlab.results import TABLE_ROWS, format_report
+from pdlab.run import run_experiment
 
 SIM = {
     "name": "report", "model": "llama3-8b",
