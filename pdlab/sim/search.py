@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 
 from pdlab.metrics.summary import meets_slo
 from pdlab.models.config import ModelConfig
+from pdlab.policy.devices import gpus_of
 from pdlab.policy.scheduler import SchedulerConfig
 from pdlab.sim.cluster import Layout
 from pdlab.sim.cost import H100, CostModel, GpuSpec, MoeSpec, RooflineCost, ServedCost
@@ -78,7 +79,8 @@ def candidate_of_run(run, num_gpus: int) -> Candidate:
     if run.mode == "colocated":
         return Candidate("colocated", num_instances=run.num_instances, tp=tp)
     prefill_tp, decode_tp = run.prefill_tp or 1, run.decode_tp or 1
-    if run.num_prefill * prefill_tp + run.num_decode * decode_tp > num_gpus:  # they share GPUs
+    placed = gpus_of([prefill_tp] * run.num_prefill + [decode_tp] * run.num_decode, num_gpus)
+    if sum(map(len, placed)) > len({gpu for ids in placed for gpu in ids}):  # they share GPUs
         sm = (run.sm_percentage.get("prefill", 100), run.sm_percentage.get("decode", 100))
         return Candidate("disaggregated", num_prefill=1, num_decode=1, gpu_sharing=run.gpu_sharing,
                          sm_percentage=sm if run.gpu_sharing == "mps" else (100, 100))
