@@ -41,15 +41,21 @@ class MemoryPlan:
         return int(self.total_bytes * self.share)
 
     @property
+    def _within_share_bytes(self) -> int:
+        return self.share_bytes - self.own_bytes - self.context_bytes - self.reserve_bytes
+
+    @property
+    def _within_free_bytes(self) -> int:
+        return self.free_bytes - self.reserve_bytes
+
+    @property
     def kv_cache_bytes(self) -> int:
-        within_share = self.share_bytes - self.own_bytes - self.context_bytes - self.reserve_bytes
-        within_free = self.free_bytes - self.reserve_bytes
-        return max(0, min(within_share, within_free))
+        return max(0, min(self._within_share_bytes, self._within_free_bytes))
 
     @property
     def limited_by_free(self) -> bool:
         """True when the card had less free than the share allowed (other instances took it)."""
-        return self.free_bytes - self.reserve_bytes < self.share_bytes - self.own_bytes - self.context_bytes - self.reserve_bytes
+        return self._within_free_bytes < self._within_share_bytes
 
     def min_share(self, kv_bytes: int) -> float:
         """The smallest gpu_memory_utilization that leaves `kv_bytes` for the KV cache."""
