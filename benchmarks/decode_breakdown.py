@@ -11,7 +11,8 @@ For each variant and batch (context 1k), measured on the same card in the same r
   outputs) that the GPU waits for;
 - the top host functions of a few steps under cProfile.
 Then the decode-step linears alone, each replayed in a CUDA graph over enough copies of the
-weight that it comes from HBM (not L2): bf16 F.linear against the wint8/wint4 kernels.
+weight that it comes from HBM (not L2): bf16 F.linear against wint_linear's choice (benchmarks/wint_kernels.py
+times every kernel and tile configuration).
 Needs a CUDA GPU.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import gc
 import io
 import json
@@ -97,7 +97,7 @@ def breakdown(engine: LLMEngine, batch: int, context: int) -> dict:
 @torch.inference_mode()
 def linears(methods: list[str], ms: list[int]) -> list[dict]:
     """Each linear of a decode step replayed in a CUDA graph over weight copies that exceed L2 4x."""
-    from pdlab.engine.kernels import wint_matmul as wm
+    from pdlab.engine.kernels.wint_linear import wint_linear
     from pdlab.models.quant import METHODS, quantize
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -113,7 +113,7 @@ def linears(methods: list[str], ms: list[int]) -> list[dict]:
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 fn = (lambda x=x, ws=ws: [F.linear(x, c) for c in ws]) if method == "bf16" else (
-                    lambda x=x, ws=ws: [wm.wint_linear(x, c) for c in ws])
+                    lambda x=x, ws=ws: [wint_linear(x, c) for c in ws])
                 fn()
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
@@ -131,60 +131,6 @@ def linears(methods: list[str], ms: list[int]) -> list[dict]:
     return rows
 
 
-@torch.inference_mode()
-def sweep(ms: list[int]) -> list[dict]:
-    """Tile configurations around `pick_config`'s for each shape, method and M (graph-replayed, from HBM)."""
-    import itertools
-
-    from pdlab.engine.kernels import wint_matmul as wm
-    from pdlab.models.quant import METHODS, quantize
-
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rows = []
-    for name, n, k in SHAPES:
-        w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        for method in ("wint8", "wint4"):
-            w = quantize(w16, METHODS[method])
-            copies = max(2, -(-4 * l2 // w.nbytes))
-            ws = [type(w)(w.method, w.qweight.clone(), w.scales.clone(), w.shape, w.dtype) for _ in range(copies)]
-            for m in ms:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                ref = x.float() @ w.dequantize(torch.float32).T
-                chosen = wm.pick_config(m, n, k, w.method.bits, w.group_size, sms)
-                results = []
-                for block_n, warps, stages, split in itertools.product(
-                        (64, 128), (4, 8), (3, 4), sorted({max(1, chosen.split_k // 2), chosen.split_k,
-                                                           chosen.split_k * 2})):
-                    c = wm.TileConfig(chosen.block_m, block_n, chosen.block_k, split, warps, stages)
-                    try:
-                        out = wm.wint_matmul(x, w, config=c)
-                        err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-                        if not err < 2e-2:
-                            raise AssertionError(f"relative error {err:.3g}")
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph):
-                            for cw in ws:
-                                wm.wint_matmul(x, cw, config=c)
-                        us = gpu_ms(graph.replay) * 1e3 / copies
-                        del graph
-                    except Exception as e:  # noqa: BLE001 - out of registers or shared memory: not a candidate
-                        print(f"  skip {name} {method} M={m} {c}: {type(e).__name__}: {str(e)[:80]}", flush=True)
-                        continue
-                    results.append({"us": us, "config": dataclasses.asdict(c), "chosen": c == chosen})
-                results.sort(key=lambda r: r["us"])
-                chosen_us = next((r["us"] for r in results if r["chosen"]), None)
-                row = {"shape": name, "method": method, "m": m, "best": results[:3], "chosen_us": chosen_us,
-                       "best_GBps": w.nbytes / (results[0]["us"] * 1e-6) / 1e9 if results else None}
-                rows.append(row)
-                print("sweep", json.dumps(row), flush=True)
-            del ws, w
-            gc.collect()
-            torch.cuda.empty_cache()
-        del w16
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama3-8b")
@@ -192,8 +138,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,64,128")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--linear-m", default="1,16,64")
-    parser.add_argument("--sweep-m", default="", help="also time tile configurations of the wint kernel at these M")
-    parser.add_argument("--skip-engine", action="store_true", help="only the linears (and the sweep)")
+    parser.add_argument("--skip-engine", action="store_true", help="only the linears")
     parser.add_argument("--out", type=Path, default=Path("decode_breakdown.json"))
     args = parser.parse_args()
     from pdlab.provenance import provenance
@@ -217,9 +162,6 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2))
     report["linears"] = linears(["bf16", "wint8", "wint4"], [int(m) for m in args.linear_m.split(",")])
     args.out.write_text(json.dumps(report, indent=2))
-    if args.sweep_m:
-        report["sweep"] = sweep([int(m) for m in args.sweep_m.split(",")])
-        args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 
 

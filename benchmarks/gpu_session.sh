@@ -45,8 +45,8 @@ stage tests && run gpu-tests 300 python3 -m pytest -q --tb=short -m "$marks" \
   tests/models tests/transfer tests/engine/test_quantized_engine.py tests/engine/test_tensor_parallel_gpu.py \
   tests/cluster/test_disaggregated_gpu.py
 stage kernels && run attention-kernels 150 python3 benchmarks/attention_kernels.py --out "$OUT/attention_kernels.json"
-stage kernels && run decode-breakdown 300 python3 benchmarks/decode_breakdown.py --sweep-m "${SWEEP_M:-1,64}" \
-  --out "$OUT/decode_breakdown.json"
+stage kernels && run wint-kernels 400 python3 benchmarks/wint_kernels.py --write-table --out "$OUT/wint_kernels.json"
+stage kernels && run decode-breakdown 300 python3 benchmarks/decode_breakdown.py --out "$OUT/decode_breakdown.json"
 stage engine && run engine-speed 600 python3 benchmarks/engine_speed.py --model llama3-8b \
   --variants "${VARIANTS:-bf16,bf16-eager,wint8,wint4}" ${HF---hf} --out "$OUT/engine_speed.json"
 # The grid experiments/h200_single_conversation.yaml's replay needs (save as data/profiles/llama3-8b_<q>_tp1_<card>.csv).

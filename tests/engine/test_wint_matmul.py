@@ -8,12 +8,15 @@ no multiple of any N tile and M crosses the 16/32/64 tile edges.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from tests.engine.triton_env import DEVICE, DTYPES, ON_GPU  # first: skips this module without a GPU or the interpreter
 
 # isort: split
+from pdlab.engine.kernels import wint_linear as wl
 from pdlab.engine.kernels import wint_matmul as wm
 from pdlab.models.quant import METHODS, QuantMethod, quantize
 
@@ -82,6 +85,18 @@ def test_the_default_config_splits_k_for_one_row(poisoned, method):
     assert_matches(wm.wint_matmul(x, w, bias), reference(x, w, bias), dtype)
 
 
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", METHOD_IDS)
+def test_no_loop_kernel_matches_the_reference(poisoned, method, dtype, m):
+    # N = 72 ragged against every N tile; K = 640: five groups, so a chunk of two or four groups overhangs K.
+    x, w, bias = make(METHODS[method], m, 72, 640, dtype, seed=20 + m)
+    for config in (None, wm.GemvConfig(8, 128), wm.GemvConfig(32, 256, 8), wm.GemvConfig(16, 512, 2)):
+        assert_matches(wm.wint_gemv(x, w, bias, config=config), reference(x, w, bias), dtype)
+        assert_matches(wm.wint_gemv(x, w, config=config), reference(x, w), dtype)
+    assert_matches(wm.wint_gemv(x, w, config=wm.GemvConfig(8, 1024)), reference(x, w), dtype)  # one chunk: no split
+
+
 @pytest.mark.parametrize("method", METHOD_IDS)
 def test_a_group_of_64_rows_narrower_than_128(poisoned, method):
     dtype = DTYPES[0]
@@ -97,20 +112,37 @@ def test_the_dequantize_kernel_gives_the_reference_values(poisoned, method, dtyp
     assert torch.equal(wm.dequantize_weight(w, dtype), w.dequantize(dtype))
 
 
+@pytest.mark.parametrize("kernel", wl.KERNELS)
 @pytest.mark.parametrize("method", METHOD_IDS)
-def test_wint_linear_picks_the_path_by_rows(monkeypatch, method):
+def test_wint_linear_runs_each_kernel_on_leading_dims(poisoned, method, kernel):
     dtype = DTYPES[0] if DTYPES[0] != torch.float32 else torch.float16
-    calls = []
-    real_fused, real_dequant = wm.wint_matmul, wm.dequantize_weight
-    monkeypatch.setattr(wm, "wint_matmul", lambda *a, **k: calls.append("fused") or real_fused(*a, **k))
-    monkeypatch.setattr(wm, "dequantize_weight", lambda *a, **k: calls.append("dequant") or real_dequant(*a, **k))
     x, w, bias = make(METHODS[method], 6, 40, 256, dtype, seed=10)
-    x3 = x.view(2, 3, 256)  # leading dims are flattened and restored
-    small = wm.wint_linear(x3[:1], w, bias, dequant_min_m=4)
-    large = wm.wint_linear(x3, w, bias, dequant_min_m=4)
-    assert calls == ["fused", "dequant"] and small.shape == (1, 3, 40) and large.shape == (2, 3, 40)
-    assert_matches(small.view(3, 40), reference(x[:3], w, bias), dtype)
-    assert_matches(large.view(6, 40), reference(x, w, bias), dtype)
+    out = wl.wint_linear(x.view(2, 3, 256), w, bias, choice=wl.Choice(kernel))  # leading dims flattened, restored
+    assert out.shape == (2, 3, 40)
+    assert_matches(out.view(6, 40), reference(x, w, bias), dtype)
+
+
+def test_the_rule_picks_the_kernel_by_rows():
+    kernels = [wl.rule(m, 4096, 4096, 4, 128, 132).kernel for m in (1, wl.GEMV_MAX_M + 1, wl.DEQUANT_MIN_M)]
+    assert kernels == ["gemv", "mma", "dequant"]
+
+
+def test_a_cards_table_gives_the_next_measured_m_up_and_the_nearest_shape(tmp_path):
+    rows = [{"bits": 4, "n": 4096, "k": 4096, "m": m, "kernel": kernel, "config": config} for m, kernel, config in (
+        (1, "gemv", {"block_n": 8, "block_k": 1024, "num_warps": 4}),
+        (16, "mma", {"block_m": 16, "block_n": 64, "block_k": 128, "split_k": 4, "num_warps": 4, "num_stages": 3}),
+        (512, "dequant", None))]
+    path = tmp_path / "wint_card.json"
+    path.write_text(json.dumps({"device": "card", "choices": rows}))
+    table = wl.load_table(path)
+    pick = [wl.choose_from(table, m, 4096, 4096, 4, 128, 132) for m in (1, 2, 16, 17, 4000)]
+    assert [c.kernel for c in pick] == ["gemv", "mma", "mma", "dequant", "dequant"]
+    assert pick[0].config == wm.GemvConfig(8, 1024, 4) and pick[1].config.split_k == 4
+    assert wl.choose_from(table, 1, 1024, 2048, 4, 128, 132).kernel == "gemv"  # nearest shape of the same bits
+    assert wl.choose_from(table, 1, 4096, 4096, 8, 128, 132) == wl.rule(1, 4096, 4096, 8, 128, 132)  # no wint8 rows
+    assert wl.choose_from(table, 1, 4096, 4096, 4, 2048, 132).kernel == "gemv"  # block_k 1024 cannot hold a group
+    assert wl.choose_from(table, 1, 4096, 4096, 4, 2048, 132).config == wm.pick_gemv_config(1, 4096, 4096, 4, 2048)
+    assert wl.load_table(tmp_path / "absent.json") == {}
 
 
 @pytest.mark.parametrize("m", [1, 16, 33, 64])
@@ -143,4 +175,4 @@ def test_bad_inputs_are_refused():
 def test_on_gpu_both_paths_of_wint_linear_on_a_real_shape(method):
     for m in (1, 7, 64, 200, 1024):
         x, w, bias = make(METHODS[method], m, 4096, 4096, torch.bfloat16, seed=m)
-        assert_matches(wm.wint_linear(x, w, bias), reference(x, w, bias), torch.bfloat16)
+        assert_matches(wl.wint_linear(x, w, bias), reference(x, w, bias), torch.bfloat16)

@@ -3,7 +3,8 @@
 - `paged_attention.py`: decode (flash-decoding over block tables) and varlen
   prefill (chunks after cached positions) attention on the paged KV cache;
   the GPU path of `pdlab.engine.attention.AttentionContext`;
-- `wint_matmul.py`: weight-only int8/int4 matmul (pdlab/models/quant.py).
+- `wint_matmul.py`: weight-only int8/int4 matmuls (pdlab/models/quant.py), and `wint_linear.py`, which
+  picks one by rows and card from a measured table (`configs/`).
 
 Importing this package imports no Triton: the kernel modules do, and only
 the triton attention backend imports them. `triton.jit` reads

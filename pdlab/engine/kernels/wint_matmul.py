@@ -1,45 +1,28 @@
-"""x @ dequant(W)^T for wint8/wint4 weights (pdlab/models/quant.py) in Triton.
+"""The Triton kernels of x @ dequant(W)^T for wint8/wint4 weights (pdlab/models/quant.py).
 
-Two paths, picked by the number of rows M of x (`wint_linear`):
+Three ways to compute a quantized linear; `pdlab/engine/kernels/wint_linear.py` picks one by M (x's rows):
 
-- M < DEQUANT_MIN_M (decode, small prefill chunks): `wint_matmul`, one kernel
-  that loads the packed int8/int4 tile and the group scales, converts the
-  integers to x's dtype in registers (exact: |q| <= 127) and multiplies with
-  tl.dot into an fp32 accumulator, as out^T = W x^T: the weight tile is the
-  MMA's left operand, used from registers in its natural [N, K] layout, and
-  x's few rows the narrow right one (with W on the right, the converted tile
-  went through shared memory in the MMA's layout and the kernel ran at 15-40%
-  of the copy bandwidth on an H200); each K tile lies inside one group, so the
-  group's scale multiplies the tile's partial product (one multiply per
-  output, not per weight). A wint4 tile's low and high nibbles hold the two
-  halves of a group (quant.py's layout), so each multiplies one contiguous
-  slice of x: all loads are vectorized and asynchronously prefetched (cp.async
-  in the sm_90 code Triton 3.9 emits). Small M is memory-bound: every packed
-  byte is read once (all of M in one M tile up to 64 rows), the N tile is
-  64 rows of W (one warpgroup's MMA) and K is split over `split_k` programs until there
-  are about two waves of programs on the card. Split-K partial sums go to an
-  fp32 workspace [split_k, M, N] that a second small kernel sums in a fixed
-  order, adding the bias and casting: deterministic (atomics are not), and one
-  extra launch where atomics would need two (a memset and the cast). The
-  workspace's traffic (written, then read back) is kept under half of the
-  weight's bytes, which caps split_k at M = 64.
-- M >= DEQUANT_MIN_M (prefill): dequantize the weight into a scratch [N, K]
-  tensor of x's dtype (one Triton kernel, 2.5-3 bytes of traffic per weight)
-  and call cuBLAS through F.linear. There the matmul is compute-bound and
-  cuBLAS's MMA efficiency beats a kernel that also dequantizes; the scratch is
-  transient (the largest linear's [N, K] in bf16, e.g. 235 MB for llama3-8b's
-  gate_up) and comes out of the engine's activation reserve.
+- `wint_gemv` (decode at a few rows): no loop and no MMA. Each program loads one chunk of whole groups of
+  the packed weight in one wide load, turns it into fp32 weights (integer times its group's scale; the
+  integers become floats by placing their bits in a float's mantissa, not by the conversion instruction,
+  whose rate bounded the kernel) and multiplies each row of x by it. Thousands of programs keep the card's
+  loads in flight. The chunks of one row of W are split-K parts (below).
+- `wint_matmul` (a few to a few hundred rows): loops over K tiles with tl.dot, as out^T = W x^T: the
+  converted weight tile is the MMA's left operand, straight from registers in its natural [N, K] layout,
+  x's rows the narrow right one (with W on the right, the tile went through shared memory and the kernel
+  ran at 15-40% of the copy bandwidth on an H200). Each K tile lies inside one group, so the group's
+  scale multiplies the tile's partial product. A wint4 tile's low and high nibbles hold the two halves of
+  a group (quant.py's layout), so each multiplies one contiguous slice of x. A wint4 nibble becomes a
+  16-bit float by its bits alone (MAGIC below) and the bias that adds is taken off once per row of x.
+- `dequantize_weight` + cuBLAS (prefill): the weight dequantized into a scratch [N, K] tensor of x's dtype
+  (2.5-3 bytes of traffic per weight), then F.linear.
 
-DEQUANT_MIN_M = 512 is an estimate, not a measurement: dequantizing costs a
-fixed 2.5-3 B of traffic per weight (read q, write bf16), which cuBLAS's
-faster MMA (taken as ~750 against ~450-550 TFLOP/s for a fused kernel) repays
-from M ~ 470-860. benchmarks/wint_matmul.py times both paths at
-M = 256..2048 and prints the crossover, and `--sweep` the best tile
-configuration per shape and M; set both from its output.
+Split-K partial sums go to an fp32 workspace [split, M, N] that a second small kernel sums in a fixed
+order, adding the bias and casting: deterministic (atomics are not), and one extra launch where atomics
+would need two (a memset and the cast).
 
-fp32 activations on CUDA take the dequantize + F.linear path: tl.dot on fp32
-would round through tf32. In Triton's interpreter (TRITON_INTERPRET=1, CPU
-tensors) the kernels run on fp16 and fp32; bf16 is wrong there.
+fp32 activations take the dequantize + F.linear path on a GPU: tl.dot on fp32 would round through tf32.
+In Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) the kernels run on fp16 and fp32; bf16 is wrong.
 """
 
 from __future__ import annotations
@@ -48,13 +31,11 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from pdlab.models.quant import QuantizedWeight
 
-DEQUANT_MIN_M = 512
 TARGET_WAVES = 2  # programs in flight per SM that small-M launches aim for
 MIN_TILES_PER_SPLIT = 4  # fewer K tiles per program and the pipeline never fills
 INTERPRETER_NUM_SMS = 132  # an H100's, so that the interpreter exercises the same split-K choices
@@ -75,7 +56,7 @@ def _wint_matmul_kernel(
     x_ptr, qw_ptr, scale_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_om, stride_os, tiles_per_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, MAGIC: tl.constexpr = 0, MAGIC_OFFSET: tl.constexpr = 0.0,
 ):
     # Program (m, n, s) computes out[m tile, n tile] over K tiles [s * tiles_per_split, ...), as the
     # transposed product W[n tile] @ x[m tile]^T: the weight is the MMA's left operand, straight from
@@ -114,10 +95,19 @@ def _wint_matmul_kernel(
             b = tl.load(q_ptrs + j0, mask=mask_n[:, None], other=0).to(tl.int32)
             x_lo = tl.load(x_ptrs + k_lo, mask=mask_m[None, :], other=0.0)
             x_hi = tl.load(x_ptrs + k_lo + GROUP // 2, mask=mask_m[None, :], other=0.0)
-            lo = ((b & 15) - 8).to(dt)
-            hi = ((b >> 4) - 8).to(dt)
             s = tl.load(scale_ptr + offs_n * stride_sn + k_lo // GROUP, mask=mask_n, other=0.0)
-            acc += (tl.dot(lo, x_lo) + tl.dot(hi, x_hi)) * s[:, None]
+            if MAGIC != 0:
+                # A nibble u in the low mantissa bits of MAGIC (a 16-bit float, 128.0 in bf16 or 1024.0 in
+                # fp16) is the float MAGIC + u exactly, with no conversion instruction; the bias that adds to
+                # each product, (MAGIC + 8) * x, is taken off once per row: (MAGIC + 8) * sum(x over the tile).
+                lo = ((b & 15) | MAGIC).to(tl.int16).to(dt, bitcast=True)
+                hi = ((b >> 4) | MAGIC).to(tl.int16).to(dt, bitcast=True)
+                x_sum = tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0)  # [BM]
+                acc += (tl.dot(lo, x_lo) + tl.dot(hi, x_hi) - MAGIC_OFFSET * x_sum[None, :]) * s[:, None]
+            else:
+                lo = ((b & 15) - 8).to(dt)
+                hi = ((b >> 4) - 8).to(dt)
+                acc += (tl.dot(lo, x_lo) + tl.dot(hi, x_hi)) * s[:, None]
     out_mask = mask_n[:, None] & mask_m[None, :]
     if SPLIT:
         ptrs = out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
@@ -127,6 +117,68 @@ def _wint_matmul_kernel(
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _as_fp32(u):
+    # u: int32 in [0, 2**23) -> float32 u, without an int-to-float conversion instruction (a quarter of
+    # the FMA rate on the SMs; converting every weight that way bounded the no-loop kernel): u's bits in
+    # the mantissa of 2**23 give 2**23 + u exactly, and one subtraction leaves u.
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _wint_gemv_kernel(
+    x_ptr, qw_ptr, scale_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sn, stride_om, stride_os,
+    BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+):
+    # Program (n, s) computes out[:M, n tile] over the K chunk s (BLOCK_K values, whole groups) with no loop
+    # and no MMA: the chunk's packed bytes are loaded once, in one wide load, turned into fp32 weights
+    # (integer times its group's scale) and multiplied by each of x's ROWS rows in turn. With thousands of
+    # such programs the card keeps enough loads in flight to run near its bandwidth, which a looping
+    # kernel with one MMA tile per step does not at one row.
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k0 = pid_s * BLOCK_K
+    if BITS == 8:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
+        scale = tl.load(scale_ptr + offs_n[:, None] * stride_sn + (offs_k // GROUP)[None, :], mask=mask, other=0.0)
+        q = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_k[None, :], mask=mask, other=0).to(tl.int32)
+        w = (_as_fp32(q + 128) - 128.0) * scale
+    else:
+        # Byte j of the chunk holds k = k0 + (j // (G/2)) * G + j % (G/2) in its low nibble and k + G/2 in
+        # its high one (quant.py's layout): two slices of x, each contiguous within a group.
+        offs_j = tl.arange(0, BLOCK_K // 2)
+        offs_k = k0 + (offs_j // (GROUP // 2)) * GROUP + offs_j % (GROUP // 2)
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
+        scale = tl.load(scale_ptr + offs_n[:, None] * stride_sn + (offs_k // GROUP)[None, :], mask=mask, other=0.0)
+        b = tl.load(qw_ptr + offs_n[:, None] * stride_qn + k0 // 2 + offs_j[None, :], mask=mask, other=0).to(tl.int32)
+        w_lo = (_as_fp32(b & 15) - 8.0) * scale
+        w_hi = (_as_fp32(b >> 4) - 8.0) * scale
+    mask_k = offs_k < K
+    if HAS_BIAS and not SPLIT:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    for m in tl.static_range(ROWS):
+        x_row = x_ptr + tl.minimum(m, M - 1) * stride_xm  # rows past M (ROWS is M rounded up) repeat the last
+        store_mask = mask_n & (tl.full((BLOCK_N,), m, tl.int32) < M)
+        if BITS == 8:
+            x = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            acc = tl.sum(w * x[None, :], axis=1)
+        else:
+            x_lo = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + offs_k + GROUP // 2, mask=mask_k, other=0.0).to(tl.float32)
+            acc = tl.sum(w_lo * x_lo[None, :] + w_hi * x_hi[None, :], axis=1)
+        if SPLIT:
+            tl.store(out_ptr + pid_s * stride_os + m * stride_om + offs_n, acc, mask=store_mask)
+        else:
+            if HAS_BIAS:
+                acc += bias
+            tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
@@ -167,11 +219,15 @@ def _dequant_kernel(qw_ptr, scale_ptr, out_ptr, N, stride_qn, stride_sn, stride_
         tl.store(dst + BLOCK_K // 2, (((b >> 4) - 8).to(tl.float32) * s).to(odt), mask=mask_n[:, None])
 
 
+# 16-bit floats whose low mantissa bits hold a nibble exactly (bits, value + 8): bf16 128.0 and fp16 1024.0.
+_MAGIC = {torch.bfloat16: (0x4300, 136.0), torch.float16: (0x6400, 1032.0)}
+
+
 # --- host side ---------------------------------------------------------------------------------------
 
 
 def pick_config(m: int, n: int, k: int, bits: int, group: int, num_sms: int) -> TileConfig:
-    """Tiles for a [m, k] x [k, n] product (first guesses; benchmarks/wint_matmul.py --sweep measures)."""
+    """Tiles for a [m, k] x [k, n] product (first guesses, for a card without a table; benchmarks/wint_kernels.py measures)."""
     block_k = min(group, 128)
     # block_n is the MMA's M (64: a warpgroup's), block_m the narrow N side that holds x's rows.
     if m <= 16:
@@ -212,8 +268,9 @@ def wint_matmul(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None =
     split = triton.cdiv(tiles, tiles_per_split)  # no empty split
     grid = (triton.cdiv(m, c.block_m), triton.cdiv(n, c.block_n), split)
     has_bias = bias is not None
+    magic, offset = _MAGIC.get(x.dtype, (0, 0.0)) if w.method.bits == 4 else (0, 0.0)
     common = dict(BITS=w.method.bits, GROUP=group, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                  HAS_BIAS=has_bias, num_warps=c.num_warps, num_stages=c.num_stages)
+                  HAS_BIAS=has_bias, MAGIC=magic, MAGIC_OFFSET=offset, num_warps=c.num_warps, num_stages=c.num_stages)
     if split == 1:
         _wint_matmul_kernel[grid](
             x, w.qweight, w.scales, bias if has_bias else w.scales, out,
@@ -225,10 +282,59 @@ def wint_matmul(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None =
         x, w.qweight, w.scales, w.scales, ws,
         m, n, k, x.stride(0), w.qweight.stride(0), w.scales.stride(0), ws.stride(1), ws.stride(0), tiles_per_split,
         SPLIT=True, **common)
+    return _sum_parts(ws, bias, out)
+
+
+def _sum_parts(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out [M, N] = the split-K partial sums ws [split, M, N] added in order, plus bias."""
+    split, m, n = ws.shape
     block = 1024
     _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
-        ws, bias if has_bias else ws, out, m * n, n, ws.stride(0), SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=block)
+        ws, bias if bias is not None else ws, out, m * n, n, ws.stride(0), SPLIT_K=split,
+        HAS_BIAS=bias is not None, BLOCK=block)
     return out
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int  # rows of W per program
+    block_k: int  # values of K per program: whole groups (a multiple of the group size)
+    num_warps: int = 4
+
+
+def pick_gemv_config(m: int, n: int, k: int, bits: int, group: int) -> GemvConfig:
+    """The no-loop kernel's chunk for a [m, k] x [k, n] product (benchmarks/wint_decode_linears.py measures)."""
+    return GemvConfig(block_n=16, block_k=max(group, 512), num_warps=4)
+
+
+def wint_gemv(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None,
+              config: GemvConfig | None = None) -> torch.Tensor:
+    """x [M, K] with few rows (decode) -> x @ dequant(w).T + bias, in the no-loop kernel (see its comment)."""
+    n, k = w.shape
+    _check(x, w, bias)
+    m = x.shape[0]
+    group = w.group_size
+    c = config or pick_gemv_config(m, n, k, w.method.bits, group)
+    if c.block_k % group or c.block_n < 1:
+        raise ValueError(f"gemv config {c} does not fit group size {group} ({w.method.name})")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    rows = triton.next_power_of_2(m)
+    split = triton.cdiv(k, c.block_k)
+    common = dict(BITS=w.method.bits, GROUP=group, ROWS=rows, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                  HAS_BIAS=bias is not None, num_warps=c.num_warps)
+    grid = (triton.cdiv(n, c.block_n), split)
+    if split == 1:
+        _wint_gemv_kernel[grid](x, w.qweight, w.scales, bias if bias is not None else w.scales, out,
+                                m, n, k, x.stride(0), w.qweight.stride(0), w.scales.stride(0), out.stride(0), 0,
+                                SPLIT=False, **common)
+        return out
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    _wint_gemv_kernel[grid](x, w.qweight, w.scales, w.scales, ws,
+                            m, n, k, x.stride(0), w.qweight.stride(0), w.scales.stride(0), ws.stride(1),
+                            ws.stride(0), SPLIT=True, **common)
+    return _sum_parts(ws, bias, out)
 
 
 def dequantize_weight(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -240,20 +346,6 @@ def dequantize_weight(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
         w.qweight, w.scales, out, n, w.qweight.stride(0), w.scales.stride(0), out.stride(0),
         BITS=w.method.bits, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out
-
-
-def wint_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None,
-                dequant_min_m: int = DEQUANT_MIN_M) -> torch.Tensor:
-    """x [..., K] -> [..., N]: the fused kernel below `dequant_min_m` rows, else dequantize + cuBLAS."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[-1] and x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if x2.shape[0] >= dequant_min_m or x.dtype == torch.float32:
-        out = F.linear(x2, dequantize_weight(w, x.dtype), bias)
-    else:
-        out = wint_matmul(x2, w, bias)
-    return out.view(*lead, out.shape[-1])
 
 
 def _check(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> None:
