@@ -64,7 +64,9 @@ def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         "(sets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE before CUDA starts; needs a running MPS daemon)")
     p.add_argument("--instance-id", default=None, help="a name for logs and metrics (default role:port)")
     p.add_argument("--transfer-timeout-s", type=float, default=30.0,
-                   help="how long a decode instance waits for a prefill's KV, and a prefill for the decode's ack")
+                   help="how long a decode instance waits for a prefill to take a task, or to answer a heartbeat "
+                        "while it owes KV (a slower prefill that answers is waited for), and a prefill for "
+                        "the decode's ack")
     d = EngineConfig()
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")

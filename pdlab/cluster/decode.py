@@ -7,14 +7,19 @@ naming those blocks. The prefill pushes the KV into them and reports the first
 token (`PrefillDone`); the request joins the running batch with nothing
 recomputed, and the prefill is told to free its copy (`KVAck`).
 
-Failures: a prefill that does not deliver within `--transfer-timeout-s` (or
-reports `PrefillFailed`) ends the request with an error and frees its
-reservation. With `ipc`, where the prefill writes straight into this cache,
-the blocks of a request aborted mid-transfer are held until the prefill
-confirms it stopped (or a second timeout passes), so a late write never lands
-in a reused block. Over `tcp` late frames are simply dropped.
+What happens to each transfer is decided by `pdlab.policy.transfers` (its
+docstring draws the states); this module does the sends and the engine calls.
+Failures: a request ends with an error and its reservation is freed when no
+prefill takes its task within `--transfer-timeout-s`, the prefill reports
+`PrefillFailed`, its connection drops, or it answers no heartbeat for
+`--transfer-timeout-s` while it owes KV. A prefill slower than that which
+answers heartbeats is waited for. With `ipc`, where the prefill writes
+straight into this cache, the blocks of a request aborted mid-transfer are
+held until the prefill confirms it stopped (or a second timeout passes), so a
+late write never lands in a reused block. Over `tcp` late frames are simply
+dropped.
 
-Each dispatch is a transfer with an id of its own (`{request id}/{n}`), which
+Each reservation is a transfer with an id of its own (`{request id}/{n}`), which
 the prefill's task, frames, `PrefillDone` and `PrefillFailed` carry: a late
 message of an aborted transfer is never taken for the transfer of a request
 that reuses the id. Over `tcp` a transfer counts as complete only if every
@@ -33,7 +38,7 @@ elsewhere.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 import zmq
@@ -49,35 +54,22 @@ from pdlab.cluster.messages import (
 )
 from pdlab.errors import ConfigError
 from pdlab.policy.dispatch import LeastLoaded
-from pdlab.policy.request import Request, RequestStatus
+from pdlab.policy.request import Request
+from pdlab.policy.transfers import Transfer, Transfers
 from pdlab.transfer.base import TransferError
 
 log = logging.getLogger("pdlab.instance")
 
 
 @dataclass
-class Transfer:
-    peer: PrefillPeer
-    deadline_s: float
-    dispatched_s: float = 0.0
-    protocol: str = "tcp"
-    transfer_id: str = ""  # what the prefill's messages about it carry
-    num_frames: int = 0  # tcp: KV layer frames written
-    covered: dict[int, set[int]] = field(default_factory=dict)  # tcp: layer -> blocks written
-
-
-@dataclass
 class PrefillPeer:
-    """A prefill instance as this decode instance sees it."""
+    """The connection to a prefill instance (what it owes: `Transfers.peers[endpoint]`)."""
 
+    endpoint: str
     name: str
     sock: zmq.Socket  # DEALER to its engine-worker-queue port
-    outstanding: int = 0
-    last_seen_s: float | None = None  # its last Pong
-    busy_since_s: float | None = None  # when `outstanding` last rose from 0
-    incarnation: str = ""
+    monitor: zmq.Socket  # connect/disconnect events of `sock`
     last_ping_s: float = float("-inf")
-    monitor: zmq.Socket | None = None  # connect/disconnect events of `sock`
 
 
 @dataclass(frozen=True)
@@ -105,11 +97,7 @@ class Decode(Frontend):
         self.kv_io = self.engine.runner.transfers
         self.descriptors = {p: self._descriptor(p) for p in instance.protocols}
         self.assigned: dict[str, Assignment] = {}  # splitwise requests: their prefill and protocol
-        self.transfers: dict[str, Transfer] = {}  # requests whose KV is on its way
-        self.quarantine: dict[str, Transfer] = {}  # aborted mid-transfer, blocks held until the prefill confirms
-        self.undispatched: dict[str, float] = {}  # reserved, but no prefill took the task yet: request id -> give-up time
-        self.by_transfer: dict[str, str] = {}  # transfer id -> request id, while the prefill may still send about it
-        self._num_dispatched = 0
+        self.transfers = Transfers(self.timeout_s)  # each reserved request's KV on its way, and the peers'
 
     def _descriptor(self, protocol: str) -> KVDescriptor:
         """Open `protocol`'s receivers (rdma: one --rdma-comm-ports port per GPU, NICs from
@@ -135,7 +123,7 @@ class Decode(Frontend):
             sock.setsockopt(zmq.IMMEDIATE, 1)
             monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             sock.connect(endpoint)
-            peer = self.peers[endpoint] = PrefillPeer(name, sock, monitor=monitor)
+            peer = self.peers[endpoint] = PrefillPeer(endpoint, name, sock, monitor)
             self.instance.watch(sock, lambda identity, message, rest, peer=peer: self.on_peer(peer, message))
         return peer
 
@@ -165,53 +153,43 @@ class Decode(Frontend):
         else:
             super().on_cache(identity, message, rest)
 
-    def _transfer_of(self, transfer_id: str) -> tuple[str, Transfer | None]:
-        """The request id and the live (or quarantined) transfer a prefill's message is about."""
-        request_id = self.by_transfer.get(transfer_id, "")
-        transfer = self.transfers.get(request_id) or self.quarantine.get(request_id)
-        return request_id, transfer if transfer is not None and transfer.transfer_id == transfer_id else None
-
     def on_kv_layer(self, header: KVLayer, rest) -> None:
-        request_id, transfer = self._transfer_of(header.request_id)
-        request = self.scheduler.transferring.get(request_id)
+        transfer = self.transfers.receiving(header.request_id)
+        request = self.scheduler.transferring.get(transfer.request_id) if transfer is not None else None
         # A late frame of an aborted or timed-out transfer must not touch blocks that may be reused.
-        if (transfer is None or request is None or request_id in self.quarantine
-                or not set(header.dst_block_ids) <= set(request.block_ids) or len(rest) != 1):
+        if request is None or not set(header.dst_block_ids) <= set(request.block_ids) or len(rest) != 1:
             return
         try:
             receiver = self.kv_io.receiver(transfer.protocol)
             if receiver is None:
                 raise TransferError("no receiver for its protocol")
-            receiver.write_layer(msgspec.structs.replace(header, request_id=request_id), rest[0].buffer)
+            receiver.write_layer(msgspec.structs.replace(header, request_id=request.request_id), rest[0].buffer)
         except TransferError as e:
-            self.fail(request_id, f"KV transfer failed: {e}")
+            self.fail(request.request_id, f"KV transfer failed: {e}")
             return
-        transfer.num_frames += 1
-        transfer.covered.setdefault(header.layer, set()).update(header.dst_block_ids)
+        transfer.record_frame(header.layer, header.dst_block_ids)
 
     def on_peer(self, peer: PrefillPeer, message) -> None:
-        if not isinstance(message, Pong):
-            return
-        if peer.incarnation and message.incarnation != peer.incarnation and peer.last_seen_s is not None:
-            # Tasks sent before the old process last answered went to it and are lost. (A lost
+        if isinstance(message, Pong):
+            # From a new process: the tasks sent before the old one last answered went to it and are lost. (A lost
             # connection has normally failed them already; later ones went to the new process.)
-            self._lose_peer(peer, f"{peer.name} restarted", sent_before_s=peer.last_seen_s)
-        peer.incarnation = message.incarnation
-        peer.last_seen_s = self.engine.clock()
+            lost = self.transfers.heard_from(peer.endpoint, message.incarnation, self.engine.clock())
+            self._settled(lost, f"{peer.name} restarted; the request's KV never arrived", "prefill_lost", retry=True)
 
     def on_prefill_done(self, message: PrefillDone) -> None:
-        request_id, transfer = self._transfer_of(message.request_id)
+        transfer = self.transfers.done(message.request_id)
         if transfer is None:
             return
-        self.transfers.pop(request_id, None) or self.quarantine.pop(request_id, None)
-        self._settle(transfer)
-        self._send(transfer.peer, KVAck(transfer.transfer_id))
+        self._send(self.peers[transfer.peer], KVAck(transfer.transfer_id))
+        request_id = transfer.request_id
         request = self.scheduler.transferring.get(request_id)
-        if request is None:  # aborted while the KV was on its way: nothing writes its blocks any more
-            self.scheduler.release(request_id)
+        if request is None:  # released: aborted while the KV was on its way, and nothing writes its blocks any more
+            self._release(request_id)
             return
-        request.keep_blocks_after_finish = False
-        missing = self._missing_kv(transfer, request, message)
+        request.keep_blocks_after_finish = False  # its KV landed: its blocks go back when it finishes
+        bs = self.engine.block_manager.block_size
+        missing = transfer.missing_kv(set(request.block_ids[: -(-request.num_tokens // bs)]),
+                                      self.engine.kv_cache.kv.shape[0], message.num_kv_frames)
         if missing:
             self.metrics.on_transfer_failed("prefill_failed")
             self._end(request_id, f"KV transfer incomplete: {missing}", retry=True)
@@ -228,104 +206,57 @@ class Decode(Frontend):
         self.engine.apply_stop_strings([request])
         self.publish(self.engine.output(request))
 
-    def _missing_kv(self, transfer: Transfer, request: Request, done: PrefillDone) -> str:
-        """What a tcp transfer lacks ("": nothing): a layer of a block of the known tokens, or frames."""
-        if transfer.protocol != "tcp":
-            return ""  # the prefill wrote the cache itself; it reports only once every write is done
-        bs = self.engine.block_manager.block_size
-        blocks = set(request.block_ids[: -(-request.num_tokens // bs)])
-        num_layers = self.engine.kv_cache.kv.shape[0]
-        short = [layer for layer in range(num_layers) if not blocks <= transfer.covered.get(layer, set())]
-        if short:
-            return f"layers {short} of the prompt's blocks never arrived"
-        if done.num_kv_frames >= 0 and transfer.num_frames != done.num_kv_frames:
-            return f"{transfer.num_frames} of the {done.num_kv_frames} KV frames the prefill sent arrived"
-        return ""
-
     def on_prefill_failed(self, message: PrefillFailed) -> None:
-        request_id, transfer = self._transfer_of(message.request_id)
-        if transfer is None:
-            return
-        self.transfers.pop(request_id, None) or self.quarantine.pop(request_id, None)
-        self._settle(transfer)
-        request = self.scheduler.transferring.get(request_id)
-        if request is not None:
-            # The prefill stopped writing before it said so: the blocks can go back at once.
-            request.keep_blocks_after_finish = False
-            self.metrics.on_transfer_failed("prefill_failed")
-            self._end(request_id, f"prefill failed: {message.error}")
-        self.scheduler.release(request_id)
+        transfer = self.transfers.failed(message.request_id)
+        if transfer is not None:  # the prefill stopped writing before it said so: the blocks can go back at once
+            self._settled([transfer], f"prefill failed: {message.error}", "prefill_failed")
 
     def on_abort(self, request_id: str) -> None:
-        if request_id in self.quarantine:  # already aborted; its blocks wait for the prefill
-            return
-        request = self.scheduler.requests.get(request_id)
-        if request is not None and request.status is RequestStatus.TRANSFERRING:
+        if self._cancel(request_id) is not None:
             self.metrics.on_transfer_failed("aborted")
-            self._cancel_transfer(request_id)
         super().on_abort(request_id)
+        self._release(request_id)
 
     # --- the loop ----------------------------------------------------------------------
 
     def tick(self, now_s: float) -> None:
         super().tick(now_s)
         for request in self.scheduler.reserve():
-            # Remote writes into our blocks can outlive an abort only with ipc and rdma.
-            request.keep_blocks_after_finish = self.protocol_of(request.request_id) != "tcp"
-            self.undispatched[request.request_id] = now_s + self.timeout_s
-        for request_id, give_up_s in list(self.undispatched.items()):
-            if not self._dispatch(request_id, now_s) and now_s > give_up_s:
-                del self.undispatched[request_id]
-                request = self.scheduler.transferring.get(request_id)
-                if request is not None:
-                    request.keep_blocks_after_finish = False  # nothing was sent: nobody writes its blocks
-                self.metrics.on_transfer_failed("timeout")
-                self._end(request_id, f"no prefill instance accepted the task within {self.timeout_s:.1f} s",
-                          retry=True)
+            # Held when the request ends until `self.transfers` says no late write can land in them (`_release`).
+            request.keep_blocks_after_finish = True
+            self.transfers.reserve(request.request_id, self.protocol_of(request.request_id), now_s)
+        for transfer in self.transfers.undispatched():
+            self._dispatch(transfer, now_s)
+        self._settled(self.transfers.expire(now_s), f"no prefill instance accepted the task within "
+                                                    f"{self.timeout_s:.1f} s", "timeout", retry=True)
         for peer in self.peers.values():
             if self._disconnected(peer):
                 self._lose_peer(peer, f"{peer.name} closed its connection")
             if now_s - peer.last_ping_s >= self.heartbeat_s:
                 peer.last_ping_s = now_s
                 self._send(peer, Ping())
-            seen = max(peer.last_seen_s or float("-inf"), peer.busy_since_s or float("-inf"))
-            if peer.outstanding and now_s - seen > self.timeout_s:
-                self._lose_peer(peer, f"{peer.name} stopped answering for {self.timeout_s:.1f} s")
-        for request_id, transfer in list(self.quarantine.items()):
-            if now_s > transfer.deadline_s:  # the prefill never confirmed: it is gone, and so are its writes
-                del self.quarantine[request_id]
-                self._settle(transfer)
-                self.scheduler.release(request_id)
+        for endpoint in self.transfers.silent_peers(now_s):
+            peer = self.peers[endpoint]
+            self._lose_peer(peer, f"{peer.name} stopped answering for {self.timeout_s:.1f} s")
 
-    def _dispatch(self, request_id: str, now_s: float) -> bool:
+    def _dispatch(self, transfer: Transfer, now_s: float) -> None:
         """Send the prefill task to its assigned prefill, or to the least loaded of --innode-prefill-ports
-        that takes it; False if none does."""
-        request = self.scheduler.transferring.get(request_id)
-        if request is None:
-            self.undispatched.pop(request_id, None)
-            return True
-        assigned = self.assigned.get(request_id)
+        that takes it; if none does, it stays undispatched."""
+        request = self.scheduler.transferring.get(transfer.request_id)
+        if request is None:  # ended without its transfer cancelled: never sent, and given up on at its deadline
+            return
+        assigned = self.assigned.get(transfer.request_id)
         candidates = [self._peer(assigned.endpoint, assigned.prefill_id)] if assigned else self.innode
-        protocol = self.protocol_of(request_id)
-        self._num_dispatched += 1
-        transfer_id = f"{request_id}/{self._num_dispatched}"
-        task = PrefillTask(transfer_id, request.prompt_token_ids, sampling_to_msg(request.params),
-                           request.seed, list(request.block_ids), self.descriptors[protocol],
+        task = PrefillTask(transfer.transfer_id, request.prompt_token_ids, sampling_to_msg(request.params),
+                           request.seed, list(request.block_ids), self.descriptors[transfer.protocol],
                            list(request.output_token_ids))
-        loads = [peer.outstanding for peer in candidates]
+        loads = [self.transfers.peer(peer.endpoint).num_outstanding for peer in candidates]
         for _ in candidates:
             index = self.dispatch.pick(loads)
-            peer = candidates[index]
-            if self._send(peer, task):
-                del self.undispatched[request_id]
-                if peer.outstanding == 0:
-                    peer.busy_since_s = now_s
-                peer.outstanding += 1
-                self.transfers[request_id] = Transfer(peer, now_s + self.timeout_s, now_s, protocol, transfer_id)
-                self.by_transfer[transfer_id] = request_id
-                return True
+            if self._send(candidates[index], task):
+                self.transfers.dispatched(transfer.request_id, candidates[index].endpoint, now_s)
+                return
             loads[index] = float("inf")
-        return False
 
     def _send(self, peer: PrefillPeer, message) -> bool:
         try:
@@ -333,11 +264,6 @@ class Decode(Frontend):
             return True
         except zmq.Again:  # not connected (not up yet, or gone)
             return False
-
-    def _settle(self, transfer: Transfer) -> None:
-        """The transfer is over (or given up on): nothing the prefill sends about it counts any more."""
-        transfer.peer.outstanding -= 1
-        self.by_transfer.pop(transfer.transfer_id, None)
 
     def _disconnected(self, peer: PrefillPeer) -> bool:
         """Whether the connection to `peer` dropped since the last look (the process died or restarted)."""
@@ -349,23 +275,10 @@ class Decode(Frontend):
                 return dropped
             dropped |= event["event"] == zmq.EVENT_DISCONNECTED
 
-    def _lose_peer(self, peer: PrefillPeer, why: str, sent_before_s: float = float("inf")) -> None:
-        """Tasks sent to `peer` (before `sent_before_s`) are lost: end those requests; its writes stopped with it."""
-        for request_id, transfer in list(self.transfers.items()):
-            if transfer.peer is peer and transfer.dispatched_s < sent_before_s:
-                del self.transfers[request_id]
-                self._settle(transfer)
-                request = self.scheduler.transferring.get(request_id)
-                if request is not None:
-                    request.keep_blocks_after_finish = False
-                self.metrics.on_transfer_failed("prefill_lost")
-                self._end(request_id, f"{why}; the request's KV never arrived", retry=True)
-        for request_id, transfer in list(self.quarantine.items()):
-            if transfer.peer is peer and transfer.dispatched_s < sent_before_s:
-                del self.quarantine[request_id]
-                self._settle(transfer)
-                self.scheduler.release(request_id)
-        peer.busy_since_s = None if peer.outstanding == 0 else self.engine.clock()
+    def _lose_peer(self, peer: PrefillPeer, why: str) -> None:
+        """The tasks sent to `peer` are lost: end those requests; its writes stopped with it."""
+        lost = self.transfers.lose_peer(peer.endpoint, self.engine.clock())
+        self._settled(lost, f"{why}; the request's KV never arrived", "prefill_lost", retry=True)
 
     def step(self) -> None:
         for out in self.engine.step():
@@ -383,30 +296,35 @@ class Decode(Frontend):
             peer.monitor.close(linger=0)
             peer.sock.close(linger=0)
 
-    # --- failure paths -------------------------------------------------------------------
+    # --- ending requests ---------------------------------------------------------------
 
     def fail(self, request_id: str, error: str, retry: bool = False) -> None:
-        request = self.scheduler.requests.get(request_id)
-        if request is not None and request.status is RequestStatus.TRANSFERRING:
+        if self._cancel(request_id) is not None:
             self.metrics.on_transfer_failed("prefill_failed")
-            self._cancel_transfer(request_id)
         self._end(request_id, error, retry)
 
-    def _cancel_transfer(self, request_id: str) -> None:
-        if self.undispatched.pop(request_id, None) is not None:
-            request = self.scheduler.transferring.get(request_id)
-            if request is not None:
-                request.keep_blocks_after_finish = False
-            return
-        transfer = self.transfers.pop(request_id, None)
-        if transfer is None:
-            return
-        self._send(transfer.peer, AbortPrefill(transfer.transfer_id))
-        if transfer.protocol != "tcp":
-            transfer.deadline_s = self.engine.clock() + self.timeout_s
-            self.quarantine[request_id] = transfer
-        else:
-            self._settle(transfer)
+    def _cancel(self, request_id: str) -> Transfer | None:
+        """Cancel the request's transfer, if it has one; a prefill that has its task is told to stop."""
+        transfer = self.transfers.cancel(request_id, self.engine.clock())
+        if transfer is not None and transfer.peer:
+            self._send(self.peers[transfer.peer], AbortPrefill(transfer.transfer_id))
+        return transfer
+
+    def _settled(self, transfers: list[Transfer], error: str, reason: str, retry: bool = False) -> None:
+        """End the requests of failed transfers with `error` (counted as `reason`); the requests of released
+        ones ended earlier: their blocks go back."""
+        for transfer in transfers:
+            if transfer.outcome == "failed":
+                self.metrics.on_transfer_failed(reason)
+                self._end(transfer.request_id, error, retry)
+            else:
+                self._release(transfer.request_id)
 
     def _end(self, request_id: str, error: str, retry: bool = False) -> None:
         super().fail(request_id, error, retry)
+        self._release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        """Free the blocks a finished request holds, unless a late write may still land in them."""
+        if not self.transfers.holds_blocks(request_id):
+            self.scheduler.release(request_id)

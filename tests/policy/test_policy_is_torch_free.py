@@ -1,7 +1,8 @@
 import subprocess
 import sys
 
-POLICY = ["pdlab.policy.scheduler", "pdlab.policy.block_manager", "pdlab.policy.request", "pdlab.sampling_params"]
+POLICY = ["pdlab.policy.scheduler", "pdlab.policy.block_manager", "pdlab.policy.request", "pdlab.policy.transfers",
+          "pdlab.sampling_params"]
 
 
 def test_policy_imports_only_the_standard_library():
