@@ -9,17 +9,30 @@ Columns: phase, num_seqs, num_tokens, context_tokens, step_ms (see
 `pdlab.sim.profile_cost.PROFILE_COLUMNS`). The engine is the one `pdlab.run`
 serves with (same model loader, scheduler and runner), so the table
 calibrates the simulator to this GPU and this engine version.
+
+Under CUDA MPS, as an instance that shares its GPU runs (a GPU and the right to start the daemon needed):
+
+    python -m pdlab.profiler --model llama3-8b --device cuda --sm-percentage 40 --beside matmul:60 ...
+
+`--sm-percentage N` limits this process to N% of the SMs (what an instance's flag of the same name does)
+and `--beside KIND:P` keeps a second process busy on the same GPU, limited to P%, for the whole profile:
+`matmul` (bf16 8192^3 products: compute-bound, as a prefill) or `copy` (1 GiB device-to-device copies:
+bandwidth-bound, as a decode). The steps are timed while the other partition works.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
+import subprocess
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from pdlab.errors import ConfigError
 from pdlab.sim.profile_cost import PROFILE_COLUMNS
 
 
@@ -105,6 +118,53 @@ def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int
     return rows
 
 
+# The other partition's work (--beside): runs until its stdin closes.
+_LOADS = {
+    "matmul": "a = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16); b = a.clone(); step = lambda: a @ b",
+    "copy": "a = torch.empty(1 << 30, dtype=torch.uint8, device='cuda'); b = a.clone(); step = lambda: b.copy_(a)",
+}
+_LOAD_LOOP = """
+import select, sys, torch
+{setup}
+print("busy", flush=True)
+while not select.select([sys.stdin], [], [], 0)[0]:
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+"""
+
+
+def parse_beside(text: str) -> tuple[str, int]:
+    """'matmul:60' -> ('matmul', 60); ValueError naming the problem otherwise."""
+    kind, _, pct = text.partition(":")
+    if kind not in _LOADS or not pct.isdigit() or not 1 <= int(pct) <= 100:
+        raise ValueError(f"--beside takes KIND:PERCENT with KIND one of {', '.join(_LOADS)} and PERCENT in 1..100, "
+                         f"got {text!r}")
+    return kind, int(pct)
+
+
+@contextmanager
+def mps_partition(sm_percentage: int | None, beside: tuple[str, int] | None):
+    """This process under MPS at `sm_percentage` (set before CUDA starts), with the `beside` load running."""
+    from pdlab.cluster.mps import MpsDaemon
+
+    with ExitStack() as stack:
+        daemon = stack.enter_context(MpsDaemon())
+        os.environ.update(daemon.env)
+        if sm_percentage is not None:
+            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_percentage)
+        if beside is not None:
+            kind, pct = beside
+            env = {**os.environ, **daemon.env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(pct)}
+            load = subprocess.Popen([sys.executable, "-c", _LOAD_LOOP.format(setup=_LOADS[kind])], env=env,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            stack.callback(load.wait, 60)
+            stack.callback(load.stdin.close)
+            if load.stdout.readline().strip() != "busy":
+                raise RuntimeError(f"the --beside {kind} load did not start (exit code {load.wait(60)})")
+        yield
+
+
 def write_profile(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -126,11 +186,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quantization", choices=("wint8", "wint4"), default=None)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--sm-percentage", type=int, default=None, help="profile under CUDA MPS at N%% of the SMs")
+    parser.add_argument("--beside", default=None, metavar="KIND:P",
+                        help="under CUDA MPS, with a second process busy at P%% of the SMs: matmul or copy")
     parser.add_argument("--out", type=Path, default=Path("profile.csv"))
     args = parser.parse_args(argv)
-    rows = profile_engine(args.model, args.device, args.dtype, args.prefill_tokens, args.decode_batches,
-                          args.decode_contexts, args.repeats, quantization=args.quantization,
-                          tensor_parallel_size=args.tensor_parallel_size)
+    try:
+        beside = parse_beside(args.beside) if args.beside else None
+    except ValueError as e:
+        parser.error(str(e))
+    if args.sm_percentage is not None and not 1 <= args.sm_percentage <= 100:
+        parser.error(f"--sm-percentage must be in 1..100, got {args.sm_percentage}")
+    with ExitStack() as stack:
+        if args.sm_percentage is not None or beside is not None:
+            try:
+                stack.enter_context(mps_partition(args.sm_percentage, beside))
+            except (ConfigError, RuntimeError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        rows = profile_engine(args.model, args.device, args.dtype, args.prefill_tokens, args.decode_batches,
+                              args.decode_contexts, args.repeats, quantization=args.quantization,
+                              tensor_parallel_size=args.tensor_parallel_size)
     print(f"wrote {len(rows)} rows to {write_profile(rows, args.out)}")
     return 0
 

@@ -9,8 +9,13 @@ An instance on its own GPU steps for its cost model's step time. Instances on on
   the others (water-filling). `capacity` 1: two steps together do no more than one alone, as two
   compute-bound matmuls under MPS measured on an H100 (0.90-0.96 of one); steps that need different parts
   of the GPU (a compute-bound prefill beside a bandwidth-bound decode) overlap better, which a capacity
-  above 1 stands for. The limit's speed is fitted to that matmul (data/bench/mps_split_h100.json: 50% of
-  the SMs gave 59% of the throughput, 20% gave 26%); memory-bound steps likely lose less.
+  above 1 stands for.
+
+How fast a step runs under an SM limit depends on what bounds it (`sm_speed`), fitted to the engine's own
+steps profiled under MPS on an H100 (`python -m pdlab.profiler --sm-percentage`, llama3-8b bf16;
+data/profiles/mps/): at 40% of the SMs, prefills of 1-4k tokens took 1.81-1.89x their time alone
+(share ** 0.7 gives 1.90x), while decode steps (batch 1-64, context 512-2k) took 0.94-1.07x: reading
+weights and KV from HBM, they run at full speed on 40% of the SMs.
 """
 
 from __future__ import annotations
@@ -20,14 +25,17 @@ from dataclasses import dataclass
 
 import simpy
 
-# speed(share) = share ** SM_EXPONENT: 0.5 -> 0.57, 0.2 -> 0.28 (measured 0.59 and 0.26).
-SM_EXPONENT = 0.8
+SM_EXPONENT = 0.7  # a compute-bound step's speed under an SM limit: share ** SM_EXPONENT
+DECODE_FULL_SPEED_SHARE = 0.4  # a decode step runs at full speed on this share of the SMs
 
 
-def sm_speed(share: float) -> float:
-    """How fast a step runs alone under an SM limit of `share` (0, 1], relative to the whole GPU."""
+def sm_speed(share: float, kind: str = "prefill") -> float:
+    """How fast a step of `kind` ('decode': bandwidth-bound; anything else: compute-bound) runs alone
+    under an SM limit of `share` (0, 1], relative to the whole GPU."""
     if not 0 < share <= 1:
         raise ValueError(f"an SM share must be in (0, 1], got {share}")
+    if kind == "decode":
+        return min(1.0, share / DECODE_FULL_SPEED_SHARE) ** SM_EXPONENT
     return share ** SM_EXPONENT
 
 
@@ -36,7 +44,7 @@ class TimeSlicedGpu:
         self.env = env
         self._turn = simpy.Resource(env, capacity=1)
 
-    def run_step(self, step_s: float, sm_share: float, start: Callable[[], None]) -> Generator:
+    def run_step(self, step_s: float, sm_share: float, start: Callable[[], None], kind: str = "prefill") -> Generator:
         """Wait for this GPU, call `start`, compute for `step_s` (an SM limit means nothing time-sliced)."""
         with self._turn.request() as turn:
             yield turn
@@ -62,11 +70,12 @@ class MpsGpu:
         self._since = env.now
         self._generation = 0  # bumped whenever the rates change; an older wake-up is stale
 
-    def run_step(self, step_s: float, sm_share: float, start: Callable[[], None]) -> Generator:
-        """Start at once and compute `step_s` of whole-GPU work, sharing the GPU with the steps running."""
+    def run_step(self, step_s: float, sm_share: float, start: Callable[[], None], kind: str = "prefill") -> Generator:
+        """Start at once and compute `step_s` of whole-GPU work (a batch of `kind`), sharing the GPU with the
+        steps running."""
         start()
         self._advance()
-        step = _Step(step_s, sm_speed(sm_share), self.env.event())
+        step = _Step(step_s, sm_speed(sm_share, kind), self.env.event())
         self.steps.append(step)
         self._reschedule()
         yield step.done

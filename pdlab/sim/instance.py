@@ -108,7 +108,7 @@ class SimInstance:
                 self.start_step(batch)
                 yield env.timeout(step_s)
             else:
-                yield from self.gpu.run_step(step_s, self.sm_share, lambda: self.start_step(batch))
+                yield from self.gpu.run_step(step_s, self.sm_share, lambda: self.start_step(batch), batch.kind)
             self.num_steps += 1
             self.busy_s += step_s
             sampled = {item.request.request_id: FAKE_TOKEN_ID for item in batch.items if item.sample}

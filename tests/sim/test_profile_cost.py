@@ -79,3 +79,27 @@ def test_decode_rows_time_the_whole_batch_even_when_its_prefill_takes_many_steps
     decode = [r for r in rows if r["phase"] == "decode"]
     assert len(decode) == 1 and decode[0]["num_seqs"] == 8
     assert seen[-4:] == [8, 8, 8, 8]  # the timed steps (one untimed + three timed), all eight decoding
+
+
+def test_profiler_refuses_a_bad_mps_load_in_one_line(capsys):
+    from pdlab import profiler
+
+    for bad in ("matmul", "matmul:0", "matmul:101", "spin:50", "copy:x"):
+        with pytest.raises(SystemExit) as exit_:
+            profiler.main(["--beside", bad])
+        assert exit_.value.code == 2
+        assert "--beside takes KIND:PERCENT" in capsys.readouterr().err
+    assert profiler.parse_beside("copy:40") == ("copy", 40)
+    with pytest.raises(SystemExit):
+        profiler.main(["--sm-percentage", "0"])
+    assert "--sm-percentage must be in 1..100" in capsys.readouterr().err
+
+
+def test_profiler_under_mps_without_the_daemon_says_why(monkeypatch, capsys):
+    from pdlab import profiler
+    from pdlab.cluster import mps
+
+    monkeypatch.setattr(mps.shutil, "which", lambda name: None)  # no nvidia-cuda-mps-control on PATH
+    assert profiler.main(["--sm-percentage", "40", "--beside", "matmul:60"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: CUDA MPS needs nvidia-cuda-mps-control") and "Traceback" not in err
