@@ -43,9 +43,11 @@ def _ints(text: str) -> list[int]:
 def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int], decode_batches: list[int],
                    decode_contexts: list[int], repeats: int, block_size: int = 16, seed: int = 0,
                    quantization: str | None = None, tensor_parallel_size: int = 1,
-                   num_threads: int | None = None) -> list[dict]:
+                   num_threads: int | None = None, checks: list[dict] | None = None, recheck: int = 3) -> list[dict]:
     """The profile rows (see the module docstring). `num_threads`: CPU threads to time with (set it to
-    what the served instance gets, e.g. `pdlab.cluster.deploy.cpu_threads`); None keeps torch's."""
+    what the served instance gets, e.g. `pdlab.cluster.deploy.cpu_threads`); None keeps torch's.
+    With a `checks` list, `recheck` of the rows (`recheck_rows`) are timed again after all the others and
+    appended to it with `again_ms` (`disagreements` compares the two)."""
     import torch
 
     if num_threads is not None:
@@ -87,35 +89,70 @@ def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int
     while engine.has_unfinished():
         engine.step()
 
-    rows = []
-    for n in prefill_tokens:
+    def time_prefill(n: int, salt: int) -> float:
         times = []
         for r in range(repeats + 1):
-            engine.add_request(prompt(n, r), SamplingParams(max_tokens=1, ignore_eos=True))
+            engine.add_request(prompt(n, salt + r), SamplingParams(max_tokens=1, ignore_eos=True))
             times.append(timed_step())
-        rows.append({"phase": "prefill", "num_seqs": 1, "num_tokens": n, "context_tokens": n,
-                     "step_ms": statistics.median(times[1:]) * 1e3})
-    for context in decode_contexts:
-        for batch in decode_batches:
-            ids = [f"profile-{context}-{batch}-{i}" for i in range(batch)]
-            for i, rid in enumerate(ids):
-                params = SamplingParams(max_tokens=decode_tokens(batch, context), ignore_eos=True)
-                engine.add_request(prompt(context, i), params, rid)
-            while any(r.phase == "prefill" for r in engine.scheduler.requests.values()):
-                engine.step()  # the prompts, untimed
-            times = []
-            for _ in range(repeats + 1):
-                running = [r for r in engine.scheduler.requests.values() if not r.is_finished]
-                if len(running) != batch or engine.scheduler.num_running != batch:
-                    raise RuntimeError(f"decode profile at batch {batch}, context {context}: {len(running)} "
-                                       f"requests would decode, not {batch} (too few KV blocks or steps?)")
-                times.append(timed_step())
-            rows.append({"phase": "decode", "num_seqs": batch, "num_tokens": batch, "context_tokens": context,
-                         "step_ms": statistics.median(times[1:]) * 1e3})
-            for rid in ids:
-                engine.abort(rid)
+        return statistics.median(times[1:]) * 1e3
+
+    def time_decode(batch: int, context: int) -> float:
+        ids = [f"profile-{context}-{batch}-{i}" for i in range(batch)]
+        for i, rid in enumerate(ids):
+            engine.add_request(prompt(context, i), SamplingParams(max_tokens=decode_tokens(batch, context),
+                                                                  ignore_eos=True), rid)
+        while any(r.phase == "prefill" for r in engine.scheduler.requests.values()):
+            engine.step()  # the prompts, untimed
+        times = []
+        for _ in range(repeats + 1):
+            running = [r for r in engine.scheduler.requests.values() if not r.is_finished]
+            if len(running) != batch or engine.scheduler.num_running != batch:
+                raise RuntimeError(f"decode profile at batch {batch}, context {context}: {len(running)} "
+                                   f"requests would decode, not {batch} (too few KV blocks or steps?)")
+            times.append(timed_step())
+        for rid in ids:
+            engine.abort(rid)
+        return statistics.median(times[1:]) * 1e3
+
+    def measure(row: dict, salt: int = 0) -> float:
+        if row["phase"] == "prefill":
+            return time_prefill(row["num_tokens"], salt)  # another salt, other prompts: nothing is reused
+        return time_decode(row["num_seqs"], row["context_tokens"])
+
+    rows = [{"phase": "prefill", "num_seqs": 1, "num_tokens": n, "context_tokens": n} for n in prefill_tokens]
+    rows += [{"phase": "decode", "num_seqs": b, "num_tokens": b, "context_tokens": c}
+             for c in decode_contexts for b in decode_batches]
+    for row in rows:
+        row["step_ms"] = measure(row)
+    if checks is not None:  # a few rows again, at the end: the table holds only if they agree
+        for row in recheck_rows(rows, recheck):
+            checks.append({**row, "again_ms": measure(row, salt=10_000)})
     engine.close()
     return rows
+
+
+RECHECK_TOLERANCE = 0.05
+
+
+def recheck_rows(rows: list[dict], n: int) -> list[dict]:
+    """Up to n rows spread over the table: the longest prefill, then the smallest and the largest decode."""
+    prefill = [r for r in rows if r["phase"] == "prefill"]
+    decode = sorted((r for r in rows if r["phase"] == "decode"), key=lambda r: (r["num_seqs"], r["context_tokens"]))
+    picked = ([prefill[-1]] if prefill else []) + decode[:1] + decode[-1:]
+    unique = [dict(r) for i, r in enumerate(picked) if r not in picked[:i]]
+    return [{k: v for k, v in r.items() if k != "step_ms"} for r in unique[:n]]
+
+
+def disagreements(rows: list[dict], checks: list[dict], tolerance: float = RECHECK_TOLERANCE) -> list[str]:
+    """One line per re-timed row more than `tolerance` away from the table's time for it."""
+    by_key = {(r["phase"], r["num_seqs"], r["num_tokens"], r["context_tokens"]): r["step_ms"] for r in rows}
+    lines = []
+    for c in checks:
+        first = by_key[(c["phase"], c["num_seqs"], c["num_tokens"], c["context_tokens"])]
+        if abs(c["again_ms"] - first) > tolerance * first:
+            lines.append(f"{c['phase']} of {c['num_seqs']} x {c['context_tokens']} tokens: {first:.2f} ms in the "
+                         f"table, {c['again_ms']:.2f} ms again ({c['again_ms'] / first - 1:+.0%})")
+    return lines
 
 
 # The other partition's work (--beside): runs until its stdin closes.
@@ -189,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sm-percentage", type=int, default=None, help="profile under CUDA MPS at N%% of the SMs")
     parser.add_argument("--beside", default=None, metavar="KIND:P",
                         help="under CUDA MPS, with a second process busy at P%% of the SMs: matmul or copy")
+    parser.add_argument("--recheck", type=int, default=3,
+                        help="rows timed again at the end, which must agree within 5%% (0: none)")
     parser.add_argument("--out", type=Path, default=Path("profile.csv"))
     args = parser.parse_args(argv)
     try:
@@ -197,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.sm_percentage is not None and not 1 <= args.sm_percentage <= 100:
         parser.error(f"--sm-percentage must be in 1..100, got {args.sm_percentage}")
+    checks: list[dict] = []
     with ExitStack() as stack:
         if args.sm_percentage is not None or beside is not None:
             try:
@@ -206,8 +246,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         rows = profile_engine(args.model, args.device, args.dtype, args.prefill_tokens, args.decode_batches,
                               args.decode_contexts, args.repeats, quantization=args.quantization,
-                              tensor_parallel_size=args.tensor_parallel_size)
+                              tensor_parallel_size=args.tensor_parallel_size, checks=checks, recheck=args.recheck)
     print(f"wrote {len(rows)} rows to {write_profile(rows, args.out)}")
+    bad = disagreements(rows, checks)
+    if bad:
+        print(f"error: {len(bad)} of {len(checks)} rows timed again differ by more than {RECHECK_TOLERANCE:.0%} "
+              f"(was the device busy with something else?):\n  " + "\n  ".join(bad), file=sys.stderr)
+        return 1
+    if checks:
+        print(f"rechecked {len(checks)} rows: within {RECHECK_TOLERANCE:.0%}")
     return 0
 
 

@@ -51,7 +51,7 @@ def test_profile_cli_table_drives_the_simulator(tmp_path):
 
     out = tmp_path / "tiny.csv"
     assert main(["--model", "tiny", "--device", "cpu", "--prefill-tokens", "8,32", "--decode-batches", "1,4",
-                 "--decode-contexts", "16,32", "--repeats", "1", "--out", str(out)]) == 0
+                 "--decode-contexts", "16,32", "--repeats", "1", "--recheck", "0", "--out", str(out)]) == 0
     cost = ProfileCost.from_csv(out)
     assert len(cost.prefill) == 2 and len(cost.decode) == 2
     layout = Layout(InstanceSpec(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128), 64))
@@ -103,3 +103,40 @@ def test_profiler_under_mps_without_the_daemon_says_why(monkeypatch, capsys):
     assert profiler.main(["--sm-percentage", "40", "--beside", "matmul:60"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: CUDA MPS needs nvidia-cuda-mps-control") and "Traceback" not in err
+
+
+def test_a_profile_retimes_rows_across_the_table_and_fails_when_they_disagree(tmp_path, monkeypatch, capsys):
+    from pdlab import profiler
+
+    rows = [{"phase": "prefill", "num_seqs": 1, "num_tokens": n, "context_tokens": n, "step_ms": 10.0 * n}
+            for n in (8, 32)]
+    rows += [{"phase": "decode", "num_seqs": b, "num_tokens": b, "context_tokens": c, "step_ms": 5.0 + b}
+             for c in (16, 32) for b in (1, 4)]
+    picked = profiler.recheck_rows(rows, 3)
+    assert [(r["phase"], r["num_seqs"], r["context_tokens"]) for r in picked] == [
+        ("prefill", 1, 32), ("decode", 1, 16), ("decode", 4, 32)]
+    assert all("step_ms" not in r for r in picked)
+    close = [{**r, "again_ms": 1.04 * next(x["step_ms"] for x in rows if x["phase"] == r["phase"]
+                                            and x["num_tokens"] == r["num_tokens"]
+                                            and x["context_tokens"] == r["context_tokens"])} for r in picked]
+    assert profiler.disagreements(rows, close) == []
+    far = [dict(close[0], again_ms=close[0]["again_ms"] * 1.1)] + close[1:]
+    assert profiler.disagreements(rows, far) == ["prefill of 1 x 32 tokens: 320.00 ms in the table, "
+                                                  "366.08 ms again (+14%)"]
+
+    # Through the command: the tiny model on CPU, with the second timing of each row made 10% slower.
+    real_profile = profiler.profile_engine
+
+    def slow_again(*args, checks=None, **kwargs):
+        rows = real_profile(*args, checks=checks, **kwargs)
+        for c in checks:
+            c["again_ms"] = 1.1 * next(r["step_ms"] for r in rows if r["phase"] == c["phase"]
+                                       and r["num_tokens"] == c["num_tokens"]
+                                       and r["context_tokens"] == c["context_tokens"])
+        return rows
+
+    monkeypatch.setattr(profiler, "profile_engine", slow_again)
+    out = tmp_path / "tiny.csv"
+    assert profiler.main(["--model", "tiny", "--device", "cpu", "--prefill-tokens", "8", "--decode-batches", "1",
+                          "--decode-contexts", "16", "--repeats", "1", "--out", str(out)]) == 1
+    assert out.exists() and "2 of 2 rows timed again differ by more than 5%" in capsys.readouterr().err
