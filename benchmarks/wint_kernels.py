@@ -136,10 +136,10 @@ def main() -> None:
                 candidates = [("picked", None, lambda c, x=x: wl.wint_linear(x, c))]
                 if not args.quick:
                     if m <= 16:
-                        for bn, bk, warps in itertools.product((4, 8, 16, 32), (512, 1024, 2048), (4, 8)):
+                        for bn, bk, warps in itertools.product((8, 16, 32), (512, 1024, 2048), (4, 8)):
                             g = wm.GemvConfig(bn, max(bk, w.group_size), warps)
                             candidates.append(("gemv", g, lambda c, x=x, g=g: wm.wint_gemv(x, c, config=g)))
-                    if m >= 2:
+                    if m >= 1:
                         pick = wm.pick_config(m, n, k, w.method.bits, w.group_size, props.multi_processor_count)
                         block_m = max(16, min(128, triton_next_pow2(m)))
                         for bn, bk, warps, stages, split in itertools.product(
@@ -208,6 +208,11 @@ def write_table(rows: list[dict], device_name: str) -> Path:
 
     path = wl.table_path(device_name)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():  # keep what an earlier run measured at the (bits, N, K, M) this one did not
+        measured = {(c["bits"], c["n"], c["k"], c["m"]) for c in choices}
+        earlier = json.loads(path.read_text())["choices"]
+        choices = sorted([c for c in earlier if (c["bits"], c["n"], c["k"], c["m"]) not in measured] + choices,
+                         key=lambda c: (c["bits"], c["n"], c["k"], c["m"]))
     path.write_text(json.dumps({"device": device_name, "measured_by": "benchmarks/wint_kernels.py",
                                 "provenance": provenance(), "choices": choices}, indent=1))
     return path
