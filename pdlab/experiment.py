@@ -245,11 +245,12 @@ class Experiment(Section):
         return runs
 
     def instance_args(self) -> list[str]:
-        """The same settings as command-line flags of an instance process (its TP size apart: per run and role)."""
+        """The same settings as command-line flags of an instance process, apart from its TP size (per run and
+        role) and its `--gpu-memory-utilization` (`Deployment.gpu_memory_utilization`: a share of a GPU that
+        instances may share)."""
         e = self.engine
         flags = ["--dtype", self.model.dtype, "--device", self.model.device, "--seed", str(self.seed),
-                 "--block-size", str(e.block_size), "--gpu-memory-utilization", str(e.gpu_memory_utilization),
-                 "--max-num-seqs", str(e.max_num_seqs), "--attention-backend", e.attention_backend,
+                 "--block-size", str(e.block_size), "--max-num-seqs", str(e.max_num_seqs), "--attention-backend", e.attention_backend,
                  *(["--enforce-eager"] if e.enforce_eager else []),
                  "--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill"]
         optional = {"--num-gpu-blocks": e.num_blocks, "--kv-cache-memory-bytes": e.kv_cache_memory_bytes,
