@@ -97,7 +97,7 @@ def breakdown(engine: LLMEngine, batch: int, context: int) -> dict:
 @torch.inference_mode()
 def linears(methods: list[str], ms: list[int]) -> list[dict]:
     """Each linear of a decode step replayed in a CUDA graph over weight copies that exceed L2 4x."""
-    from pdlab.engine.kernels import wint_matmul as wm
+    from pdlab.models.kernels import wint_matmul as wm
     from pdlab.models.quant import METHODS, quantize
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -136,7 +136,7 @@ def sweep(ms: list[int]) -> list[dict]:
     """Tile configurations around `pick_config`'s for each shape, method and M (graph-replayed, from HBM)."""
     import itertools
 
-    from pdlab.engine.kernels import wint_matmul as wm
+    from pdlab.models.kernels import wint_matmul as wm
     from pdlab.models.quant import METHODS, quantize
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdlab.engine.kernels import wint_matmul as wm  # noqa: E402
+from pdlab.models.kernels import wint_matmul as wm  # noqa: E402
 from pdlab.models.quant import METHODS, quantize  # noqa: E402
 
 # llama3-8b's linears, merged as pdlab's transformer holds them: (name, N = out, K = in).

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pdlab.engine.kv_cache import KVCache
+    from pdlab.models.kv_cache import KVCache
     from pdlab.transfer.base import KVReceiver, KVSender
     from pdlab.transfer.descriptor import KVDescriptor
 

@@ -29,7 +29,7 @@ import threading
 
 import torch
 
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kv_cache import KVCache
 from pdlab.transfer.base import KVReceiver, TransferError
 from pdlab.transfer.rdma_setup import SETUP_TIMEOUT_S, RdmaHello, RdmaRefused, RdmaWelcome, recv_setup, send_setup
 from pdlab.transfer.rdma_verbs import Nic, PyverbsError, device_index, require_pyverbs

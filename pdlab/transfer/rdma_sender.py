@@ -33,7 +33,7 @@ from collections import deque
 
 import torch
 
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kv_cache import KVCache
 from pdlab.transfer.base import KVSender, TransferError, gather_blocks
 from pdlab.transfer.descriptor import KVDescriptor
 from pdlab.transfer.rdma_setup import SETUP_TIMEOUT_S, RdmaHello, RdmaRefused, RdmaWelcome, recv_setup, send_setup

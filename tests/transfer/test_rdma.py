@@ -21,7 +21,7 @@ import pytest
 import torch
 import zmq
 
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kv_cache import KVCache
 from pdlab.models.presets import PRESETS
 from pdlab.transfer import make_receiver, make_sender, rdma_receiver, rdma_sender, rdma_status
 from pdlab.transfer.base import TransferError

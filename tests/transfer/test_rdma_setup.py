@@ -17,7 +17,7 @@ import msgspec
 import pytest
 import torch
 
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kv_cache import KVCache
 from pdlab.models.presets import PRESETS
 from pdlab.transfer import make_receiver, rdma_setup, rdma_status
 from pdlab.transfer.base import TransferError
