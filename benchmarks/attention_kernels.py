@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton.testing  # noqa: E402
 
-from pdlab.engine.attention import decode_torch, prefill_torch  # noqa: E402
-from pdlab.engine.kernels import paged_attention as kernels  # noqa: E402
+from pdlab.models.attention import decode_torch, prefill_torch  # noqa: E402
+from pdlab.models.kernels import paged_attention as kernels  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # llama3-8b
 DTYPE = torch.bfloat16

@@ -97,7 +97,7 @@ def breakdown(engine: LLMEngine, batch: int, context: int) -> dict:
 @torch.inference_mode()
 def linears(methods: list[str], ms: list[int]) -> list[dict]:
     """Each linear of a decode step replayed in a CUDA graph over weight copies that exceed L2 4x."""
-    from pdlab.engine.kernels.wint_linear import wint_linear
+    from pdlab.models.kernels.wint_linear import wint_linear
     from pdlab.models.quant import METHODS, quantize
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdlab.engine.kv_cache import KVCache  # noqa: E402
+from pdlab.models.kv_cache import KVCache  # noqa: E402
 from pdlab.models.presets import PRESETS  # noqa: E402
 from pdlab.transfer.cuda_ipc import copy_blocks, enable_peer_access  # noqa: E402
 

@@ -13,7 +13,7 @@ graph hides the host's launch cost as the engine's decode graphs do):
 - tinygemm: PyTorch's `_weight_int4pack_mm` (wint4, same group size, for reference only: pdlab does not use it);
 - picked: what `wint_linear` runs for that M (before this run's table, with --write-table).
 `--write-table` writes the fastest of gemv, mma and dequant for each (bits, N, K, M) to this card's table,
-pdlab/engine/kernels/configs/wint_<card>.json, which `wint_linear` reads from then on.
+pdlab/models/kernels/configs/wint_<card>.json, which `wint_linear` reads from then on.
 Each row gives microseconds, GB/s of the method's weight bytes and the share of a device-to-device copy's
 bandwidth (read + write counted). Every kernel's output is checked against the reference first.
 Needs a CUDA GPU.
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdlab.engine.kernels import wint_linear as wl  # noqa: E402
-from pdlab.engine.kernels import wint_matmul as wm  # noqa: E402
+from pdlab.models.kernels import wint_linear as wl  # noqa: E402
+from pdlab.models.kernels import wint_matmul as wm  # noqa: E402
 from pdlab.models.quant import METHODS, quantize  # noqa: E402
 
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]

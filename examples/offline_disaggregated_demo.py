@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from pdlab.cluster.client import RemoteEngine
-from pdlab.cluster.deploy import Deployment
+from pdlab.cluster.deployment import Deployment
 from pdlab.errors import PdlabError
 from pdlab.models.source import resolve_model
 from pdlab.models.tokenizer import encode_chat

@@ -245,11 +245,12 @@ class Experiment(Section):
         return runs
 
     def instance_args(self) -> list[str]:
-        """The same settings as command-line flags of an instance process (its TP size apart: per run and role)."""
+        """The same settings as command-line flags of an instance process, apart from its TP size (per run and
+        role) and its `--gpu-memory-utilization` (`Deployment.gpu_memory_utilization`: a share of a GPU that
+        instances may share)."""
         e = self.engine
         flags = ["--dtype", self.model.dtype, "--device", self.model.device, "--seed", str(self.seed),
-                 "--block-size", str(e.block_size), "--gpu-memory-utilization", str(e.gpu_memory_utilization),
-                 "--max-num-seqs", str(e.max_num_seqs), "--attention-backend", e.attention_backend,
+                 "--block-size", str(e.block_size), "--max-num-seqs", str(e.max_num_seqs), "--attention-backend", e.attention_backend,
                  *(["--enforce-eager"] if e.enforce_eager else []),
                  "--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill"]
         optional = {"--num-gpu-blocks": e.num_blocks, "--kv-cache-memory-bytes": e.kv_cache_memory_bytes,
@@ -318,3 +319,41 @@ def parse_experiment(data: Any, source: str = "<experiment>", text: str | None =
     except ValidationError as e:
         raise ConfigError("\n".join(describe_error(err, Experiment, source, text, list(overrides))
                                      for err in e.errors())) from None
+
+
+def whatif_experiment(rate_rps: float = 8.0, num_prefill: int = 1, num_decode: int = 1,
+                      prompt_median_tokens: int = 1024, output_median_tokens: int = 128, link_gbps: float = 370.0,
+                      model: str = "llama3-8b", num_requests: int = 400, ttft_ms: float = 500.0, tpot_ms: float = 50.0,
+                      seed: int = 0, sweep_rates_rps: tuple[float, ...] = ()) -> Experiment:
+    """One what-if scenario for the simulator (notebook 03's knobs), both layouts on the same requests:
+
+        result = run_experiment(whatif_experiment(rate_rps=12, num_prefill=1, num_decode=2, link_gbps=25),
+                                progress=False, write=False)
+        result.table  # TTFT/TPOT percentiles, goodput, SLO attainment of each layout
+
+    A disaggregated xPyD layout against as many colocated instances (the same GPUs), each instance on one GPU
+    of the roofline cost model, with the KV link at `link_gbps`; lognormal lengths around the medians, Poisson
+    arrivals."""
+    gpus = num_prefill + num_decode
+    max_prompt = min(8 * prompt_median_tokens, 12288)
+    max_output = min(8 * output_median_tokens, 4096)
+    data = {
+        "name": "whatif", "seed": seed, "model": {"name": model},
+        "engine": {"max_num_seqs": 128, "max_num_batched_tokens": 4096, "max_model_len": max_prompt + max_output},
+        "workload": {
+            "num_requests": num_requests, "arrival": {"kind": "poisson", "rate_rps": rate_rps},
+            "prompt_len": {"kind": "lognormal", "median_tokens": prompt_median_tokens, "sigma": 0.8,
+                           "max_tokens": max_prompt},
+            "output_len": {"kind": "lognormal", "median_tokens": output_median_tokens, "sigma": 0.8,
+                           "max_tokens": max_output},
+        },
+        "runs": [
+            {"name": f"{num_prefill}P{num_decode}D", "mode": "disaggregated", "num_prefill": num_prefill,
+             "num_decode": num_decode, "backend": "sim", "link_bandwidth_gbps": link_gbps},
+            {"name": f"{gpus}x-colocated", "mode": "colocated", "num_instances": gpus, "backend": "sim"},
+        ],
+        "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
+    }
+    if sweep_rates_rps:
+        data["sweep"] = {"rates_rps": list(sweep_rates_rps)}
+    return parse_experiment(data, "whatif")

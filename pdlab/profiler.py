@@ -45,7 +45,7 @@ def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int
                    quantization: str | None = None, tensor_parallel_size: int = 1,
                    num_threads: int | None = None, checks: list[dict] | None = None, recheck: int = 3) -> list[dict]:
     """The profile rows (see the module docstring). `num_threads`: CPU threads to time with (set it to
-    what the served instance gets, e.g. `pdlab.cluster.deploy.cpu_threads`); None keeps torch's.
+    what the served instance gets, e.g. `pdlab.cluster.deployment.cpu_threads`); None keeps torch's.
     With a `checks` list, `recheck` of the rows (`recheck_rows`) are timed again after all the others and
     appended to it with `again_ms` (`disagreements` compares the two)."""
     import torch

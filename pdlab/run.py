@@ -26,7 +26,7 @@ def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | N
     from pdlab.loadgen.balance import Balanced
     from pdlab.loadgen.replay import replay
     from pdlab.cluster.client import RemoteEngine
-    from pdlab.cluster.deploy import Deployment
+    from pdlab.cluster.deployment import Deployment
     from pdlab.models.source import resolve_model
 
     tokenizer = resolve_model(exp.model.name).load_tokenizer()
@@ -36,7 +36,8 @@ def run_real(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | N
                             tensor_parallel_size=run.tp("mixed", tp), prefill_tp=run.tp("prefill", tp),
                             decode_tp=run.tp("decode", tp), log_dir=log_dir, gpu_sharing=run.gpu_sharing,
                             sm_percentage=dict(run.sm_percentage), memory_share=dict(run.memory_share),
-                            share_weights=run.share_weights, progress=progress)
+                            share_weights=run.share_weights, gpu_memory_utilization=exp.engine.gpu_memory_utilization,
+                            progress=progress)
 
     def serve(at_rate: Experiment, desc: str) -> tuple[list[RequestSpec], list[RequestRecord], dict]:
         requests = build_requests(at_rate, tokenizer)
@@ -213,7 +214,7 @@ def check_model(exp: Experiment, runs: Sequence[RunSection]) -> None:
     """Fail now, with the model's error, if a run cannot find its model (every run would fail alike)."""
     backends = {backend for run in runs for backend in run.backends}
     if "real" in backends:
-        from pdlab.cluster.deploy import check_device
+        from pdlab.cluster.deployment import check_device
         from pdlab.models.source import resolve_model
 
         resolve_model(exp.model.name)

@@ -1,4 +1,4 @@
-"""What every client-facing role does: take `GenerateRequest`s, stream `RequestUpdate`s back."""
+"""What every client-facing role (mixed.py, decode.py) does: take `GenerateRequest`s, stream `RequestUpdate`s back."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pdlab.cluster.messages import QUEUE_FULL, AbortRequest, GenerateRequest, RequestUpdate, encode, sampling_from_msg
+from pdlab.cluster.roles import Role
 from pdlab.cluster.splitwise.wire import Task
 from pdlab.cluster.splitwise.wire import encode as encode_json
 from pdlab.engine.outputs import RequestOutput
@@ -18,43 +19,6 @@ if TYPE_CHECKING:
     from pdlab.cluster.instance import Instance
 
 log = logging.getLogger("pdlab.instance")
-
-
-class Role:
-    """The default for every hook: ignore. Roles override what they handle."""
-
-    def __init__(self, instance: Instance) -> None:
-        self.instance = instance
-        self.engine = instance.engine
-        self.scheduler = instance.engine.scheduler
-        self.metrics = instance.metrics
-
-    def on_ewq(self, identity: bytes, message) -> None:
-        log.warning("%s: unexpected %s on the engine-worker-queue port", self.instance.instance_id, type(message).__name__)
-
-    def on_cache(self, identity: bytes, message, rest) -> None:
-        log.warning("%s: unexpected %s on the cache-queue port", self.instance.instance_id, type(message).__name__)
-
-    def on_task(self, task) -> None:
-        """A task from the splitwise scheduler's inbox (decode and mixed instances only)."""
-        log.warning("%s: a %s instance got a splitwise task (%s); dropped", self.instance.instance_id,
-                    self.instance.role, task.request_id)
-
-    def tick(self, now_s: float) -> None:
-        pass
-
-    def on_scheduler_restarted(self) -> None:
-        """The splitwise scheduler's Redis came back empty: tasks and updates in its lists are lost."""
-
-    def sockets(self) -> dict:
-        """Extra sockets the instance loop should poll: {socket: handler(identity, message, rest)}."""
-        return {}
-
-    def step(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 # Where a request's updates go: its zmq client, or the results list of the router that sent it.
@@ -175,14 +139,3 @@ class Frontend(Role):
     def _zmq_reply(self, identity: bytes) -> Reply:
         ewq = self.instance.ewq
         return lambda update: ewq.send_multipart([identity, encode(update)])
-
-
-class Mixed(Frontend):
-    """Colocated: prefill and decode on this instance."""
-
-    def admit(self, request: Request, task: Task | None) -> None:
-        self.scheduler.add(request)
-
-    def step(self) -> None:
-        for out in self.engine.step():
-            self.publish(out)

@@ -98,9 +98,9 @@ class Instance:
                 self.node_id = args.instance_id or f"{self.role}@{self.advertise_host}:{args.engine_worker_queue_port}"
                 self.agent = RedisAgent(self.splitwise, self.node_info(), self.zmq)
                 self.router = Router(self, self.agent, self.splitwise, seed=args.seed)
-            from pdlab.cluster.roles import ROLES
+            from pdlab.cluster.roles import role_class
 
-            self.handler = ROLES[self.role](self)
+            self.handler = role_class(self.role)(self)
         except BaseException:
             if self.agent is not None:
                 self.agent.close()

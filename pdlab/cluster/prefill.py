@@ -22,7 +22,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from pdlab.cluster.auth import SealedSocket, seal
-from pdlab.cluster.frontend import Role
+from pdlab.cluster.roles import Role
 from pdlab.cluster.messages import (
     AbortPrefill, KVAck, KVDescriptor, PrefillDone, PrefillFailed, PrefillTask, encode, sampling_from_msg,
 )

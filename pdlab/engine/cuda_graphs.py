@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pdlab.engine.attention import AttentionContext, copy_to_device
+from pdlab.models.attention import AttentionContext, copy_to_device
 
 if TYPE_CHECKING:
     from pdlab.engine.model_runner import ModelRunner, StepInputs

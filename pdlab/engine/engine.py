@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pdlab.engine.attention import resolve_attention_backend
+from pdlab.models.attention import resolve_attention_backend
 from pdlab.engine.config import EngineConfig
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kv_cache import KVCache
 from pdlab.engine.memory import MemoryPlan
 from pdlab.engine.model_runner import ModelRunner, PushPlan
 from pdlab.engine.outputs import RequestOutput
@@ -117,7 +117,7 @@ class LLMEngine:
         `shared_weights` (from another instance's `export_weights`, on the same GPU):
         map that instance's weights instead of loading a copy. With
         `tensor_parallel_size` > 1 this process is rank 0 and starts the others
-        (pdlab/engine/parallel.py); `close` stops them.
+        (pdlab/models/parallel.py); `close` stops them.
         """
         self.config = config
         self.clock = clock
@@ -131,7 +131,7 @@ class LLMEngine:
         if not isinstance(config.tensor_parallel_size, int) or config.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be an integer >= 1, got {config.tensor_parallel_size!r}")
         if config.tensor_parallel_size > 1:
-            from pdlab.engine import parallel
+            from pdlab.models import parallel
 
             Shard(self.model_config, 0, config.tensor_parallel_size)  # a size the model cannot take fails now
             self.tp = parallel.start(config, self.device, kv_cache_shm_path)

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kv_cache import KVCache
 from pdlab.transfer import make_receiver, make_sender
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError
 from pdlab.transfer.descriptor import KVDescriptor, KVRank
 
 if TYPE_CHECKING:
-    from pdlab.engine.parallel import TensorParallel
+    from pdlab.models.parallel import TensorParallel
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class KVTransfers:
     def _call(self, name: str, payload: bytes) -> list[bytes]:
         if self.tp is None:
             return [self.handlers[name](payload)]
-        from pdlab.engine.parallel import CALL, CALLS
+        from pdlab.models.parallel import CALL, CALLS
 
         self.tp.broadcast_ints([CALL, CALLS.index(name), *payload])
         return self.tp.all_gather_bytes(self.handlers[name](payload))

@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pdlab.engine.attention import AttentionContext, SeqSlice, copy_to_device, resolve_attention_backend
+from pdlab.models.attention import AttentionContext, SeqSlice, copy_to_device, resolve_attention_backend
 from pdlab.engine.cuda_graphs import DecodeGraphs
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kv_cache import KVCache
 from pdlab.engine.kv_io import KVTransfers, Push
-from pdlab.engine.parallel import STEP
+from pdlab.models.parallel import STEP
 from pdlab.engine.sampler import sample
 from pdlab.models.transformer import Transformer
 from pdlab.policy.scheduler import ScheduledBatch
 
 if TYPE_CHECKING:
-    from pdlab.engine.parallel import TensorParallel
+    from pdlab.models.parallel import TensorParallel
 
 log = logging.getLogger("pdlab.engine")
 

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from pdlab.engine.cuda_handles import CudaIpcError, allocation_of, device_uuid, export_allocation, open_handle
+from pdlab.transfer.cuda_handles import CudaIpcError, allocation_of, device_uuid, export_allocation, open_handle
 from pdlab.engine.weight_refs import QuantizedRef, SharedWeights, TensorRef
 from pdlab.errors import ConfigError
 from pdlab.models.config import ModelConfig

@@ -1,6 +1,6 @@
 """A tensor-parallel rank > 0: `python -m pdlab.engine.tp_worker --rank R --size N --init-method tcp://...`.
 
-Started by rank 0 (`pdlab.engine.parallel.start`), which writes the engine
+Started by rank 0 (`pdlab.models.parallel.start`), which writes the engine
 configuration to its stdin as JSON. It loads its shard of the model and of the
 KV cache (`build_executor`, as rank 0 does) and computes the steps rank 0
 broadcasts until it is told to stop; it ends with rank 0 (`pdlab.lifetime`).
@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from pdlab.engine import parallel
+from pdlab.models import parallel
 from pdlab.engine.config import EngineConfig
 from pdlab.engine.engine import build_executor
 from pdlab.errors import PdlabError

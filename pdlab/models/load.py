@@ -12,7 +12,7 @@ from pdlab.models.source import ModelSource
 from pdlab.models.transformer import Transformer
 
 if TYPE_CHECKING:
-    from pdlab.engine.parallel import TensorParallel
+    from pdlab.models.parallel import TensorParallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

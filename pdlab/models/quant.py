@@ -185,7 +185,7 @@ def quantize(weight: torch.Tensor, method: QuantMethod, layer: str = "weight") -
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias for a plain or a quantized weight. x: [..., K] -> [..., N].
 
-    Quantized, on CUDA: the Triton kernels of pdlab/engine/kernels/ (wint_linear.py
+    Quantized, on CUDA: the Triton kernels of pdlab/models/kernels/ (wint_linear.py
     picks one by the number of rows and the card). Elsewhere: dequantize to x's dtype and F.linear, the reference
     (it materializes the [N, K] weight on every call: fine for CPU tests and
     small models, not a fast path).
@@ -193,7 +193,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
     if not isinstance(weight, QuantizedWeight):
         return F.linear(x, weight, bias)
     if x.is_cuda:
-        from pdlab.engine.kernels.wint_linear import wint_linear
+        from pdlab.models.kernels.wint_linear import wint_linear
 
         return wint_linear(x, weight, bias)
     return F.linear(x, weight.dequantize(x.dtype), bias)

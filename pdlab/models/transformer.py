@@ -4,17 +4,17 @@ Weights live in merged matrices (q, k and v in one `qkv_proj`, gate and up in
 one `gate_up_proj`) so that a decode step reads each layer in few, large
 matmuls; `load_weights` takes Hugging Face names and fills the right slice.
 Attention over the paged KV cache is delegated to `ctx.attention` (see
-pdlab/engine/attention.py), so a faster kernel slots in without touching this
+pdlab/models/attention.py), so a faster kernel slots in without touching this
 file. The functions here are the PyTorch reference; with the triton attention
 backend, RMSNorm, RoPE with the KV store, and SiLU-and-multiply each run as one
-kernel (pdlab/engine/kernels/fused.py) instead of a handful of PyTorch ones.
+kernel (pdlab/models/kernels/fused.py) instead of a handful of PyTorch ones.
 
 The four linears of a layer (qkv_proj, o_proj, gate_up_proj, down_proj) go
 through `pdlab.models.quant.linear`, so each may be a plain Parameter or a
 `QuantizedWeight` (wint8/wint4, `Transformer.quantize_`); the embedding table,
 lm_head, norms and biases are never quantized.
 
-With tensor parallelism (`tp`, pdlab/engine/parallel.py) the model holds one
+With tensor parallelism (`tp`, pdlab/models/parallel.py) the model holds one
 rank's shard (pdlab/models/sharding.py): its layers compute with the local
 shape, o_proj and down_proj outputs are all-reduced, the embedding is
 vocabulary-parallel (all-reduced) and the logits are all-gathered. Loading
@@ -38,8 +38,8 @@ from pdlab.models.quant import QuantizedWeight, QuantMethod, linear, quantize
 from pdlab.models.sharding import Shard
 
 if TYPE_CHECKING:
-    from pdlab.engine.attention import AttentionContext
-    from pdlab.engine.parallel import TensorParallel
+    from pdlab.models.attention import AttentionContext
+    from pdlab.models.parallel import TensorParallel
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -50,11 +50,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def fused_kernels(ctx: AttentionContext) -> ModuleType | None:
-    """pdlab/engine/kernels/fused.py when the step runs the triton backend (one launch for each of RMSNorm,
+    """pdlab/models/kernels/fused.py when the step runs the triton backend (one launch for each of RMSNorm,
     RoPE with the KV store, and SiLU-and-multiply); None for the PyTorch reference path here."""
     if ctx.backend != "triton":
         return None
-    from pdlab.engine.kernels import fused
+    from pdlab.models.kernels import fused
 
     return fused
 

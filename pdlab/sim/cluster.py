@@ -1,17 +1,30 @@
 """A simulated deployment: its instances, its KV links, and the routing in front of them.
 
+A disaggregated request's life is one SimPy process, `_disaggregated`, that
+reads as the story `pdlab/cluster/decode.py` and `prefill.py` tell:
+1. a decode instance queues it for blocks for its prompt's KV and reserves
+   them when they are free (admission control, in arrival order);
+2. a prefill instance computes the prompt, pushing each chunk's KV over the
+   link as it goes;
+3. the rest of the KV crosses the link;
+4. the decode instance takes it and the first token into its running batch,
+   and the prefill instance frees its blocks.
+The instances' own processes step their batches; the request's process waits
+on the hand-offs they fire (`handoff.py`). Requests are admitted one at a
+time, in arrival order, each before the next is routed.
+
 Two routings, as in `pdlab/cluster/` (`Layout.routing`):
 
 `"innode"`, FastDeploy's single-machine mode. Colocated: each arriving
 request goes to the mixed instance the dispatch policy picks by load
 (unfinished requests). Disaggregated (xPyD): each arriving request goes to a
-decode instance picked the same way; that decode instance reserves blocks for
-the prompt (admission control, in order) and only then sends the prefill task
-to a prefill instance picked by the same policy class over the prefills'
-outstanding tasks, as `pdlab/cluster/decode.py` does with `LeastLoaded`. Here
-every decode instance sees every prefill's true outstanding count; the real
-single-machine decode counts only its own tasks, which is the same thing with
-one decode instance. Default policy: `least_loaded`.
+decode instance picked the same way; once that instance has reserved its
+blocks, the prefill task goes to a prefill instance picked by the same policy
+class over the prefills' outstanding tasks, as `pdlab/cluster/decode.py` does
+with `LeastLoaded`. Here every decode instance sees every prefill's true
+outstanding count; the real single-machine decode counts only its own tasks,
+which is the same thing with one decode instance. Default policy:
+`least_loaded`.
 
 `"splitwise"`, FastDeploy's Redis mode: a router (`router.py`) picks the
 prefill AND the decode instance at arrival with `select_pd` over FastDeploy's
@@ -32,6 +45,7 @@ egress link (its NVLink port or NIC), shared by its concurrent transfers;
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +55,7 @@ from pdlab.policy.dispatch import POLICIES, make_policy
 from pdlab.policy.request import Request
 from pdlab.sim.cost import CostModel
 from pdlab.sim.gpus import MpsGpu, TimeSlicedGpu
+from pdlab.sim.handoff import Handoff
 from pdlab.sim.instance import DecodeInstance, InstanceSpec, PrefillInstance, SimInstance
 from pdlab.sim.links import LINKS, Link, LinkSpec
 from pdlab.sim.router import SplitwiseRouter
@@ -105,7 +120,7 @@ class SimCluster:
         self.layout = layout
         self.links: list[Link] = []
         self.prefills: list[PrefillInstance] = []
-        self._prefill_of: dict[str, PrefillInstance] = {}  # splitwise: the router's choice, until dispatched
+        self._prefill_of: dict[str, PrefillInstance] = {}  # splitwise: the router's choice, until the task is sent
         if layout.mode == "colocated":
             self.entries: list[SimInstance] = [
                 SimInstance(env, f"mixed-{i}", layout.instance, cost) for i in range(layout.num_instances)]
@@ -118,8 +133,7 @@ class SimCluster:
                 self.prefills.append(PrefillInstance(env, f"prefill-{i}", layout.instance, cost, link,
                                                      layout.kv_bytes_per_token, layout.num_layers))
             decode_spec = layout.decode_instance or layout.instance
-            self.entries = [DecodeInstance(env, f"decode-{i}", decode_spec, cost, self.dispatch_prefill)
-                            for i in range(layout.num_decode)]
+            self.entries = [DecodeInstance(env, f"decode-{i}", decode_spec, cost) for i in range(layout.num_decode)]
         if layout.gpu_of is not None:
             def shared():
                 return TimeSlicedGpu(env) if layout.gpu_sharing == "time" else MpsGpu(env, layout.mps_capacity)
@@ -141,43 +155,78 @@ class SimCluster:
     def instances(self) -> list[SimInstance]:
         return [*self.prefills, *self.entries]
 
-    def submit(self, request: Request) -> None:
-        """A request arrives now: route it. Raises ValueError (and changes nothing) for a request no instance takes."""
-        if self.router is not None:
-            self._route_splitwise(request)
-            return
-        entry = self.entries[self.entry_policy.pick([e.load for e in self.entries])] if len(self.entries) > 1 \
-            else self.entries[0]
+    def submit(self, request: Request) -> Handoff:
+        """A request arrives now. The event fires once it is admitted (routed and queued where it runs; the
+        caller waits on it before the next request arrives), or fails with ValueError, having changed nothing,
+        for a request no instance takes (too long for the model, or a duplicate id)."""
+        admitted = Handoff(self.env)
         if self.layout.mode == "colocated":
-            entry.add(request)
-        else:
-            entry.add_remote(request)
+            try:
+                self._admit_colocated(request)
+            except ValueError as e:
+                return admitted.fail(e)
+            return admitted.succeed()
+        self.env.process(self._disaggregated(request, admitted))
+        return admitted
 
-    def _route_splitwise(self, request: Request) -> None:
-        router, num_tokens = self.router, request.num_tokens
-        if self.layout.mode == "colocated":
-            target = self.entries[router.select_mixed(self.entries, num_tokens)]
-            target.add(request)
-            router.sent(target, num_tokens)
+    def _disaggregated(self, request: Request, admitted: Handoff) -> Generator:
+        """One disaggregated request, from its arrival to its first token in a decode instance's batch."""
+        # 1. Admission: a decode instance queues it for blocks for the prompt's KV, and reserves them in order.
+        try:
+            decode, reserved = self._admit_disaggregated(request)
+        except ValueError as e:
+            admitted.fail(e)
             return
+        admitted.succeed()
+        yield reserved
+        # 2. Prefill: a prefill instance computes the prompt, pushing each chunk's KV over its link.
+        prefill = self._prefill_for(request)
+        job = prefill.add_task(request)
+        yield job.computed
+        # 3. Transfer: the rest of the KV crosses the link.
+        yield from prefill.deliver(job)
+        # 4. Decode: the request joins the running batch with its first token; the prefill frees its blocks.
+        yield from decode.join(request.request_id)
+        prefill.release(job)
+
+    def _admit_colocated(self, request: Request) -> None:
+        if self.router is not None:
+            target = self.entries[self.router.select_mixed(self.entries, request.num_tokens)]
+        else:
+            target = self._pick_entry()
+        target.add(request)
+        if self.router is not None:
+            self.router.sent(target, request.num_tokens)
+
+    def _admit_disaggregated(self, request: Request) -> tuple[DecodeInstance, Handoff]:
+        """The decode instance that takes `request`, and the event of its blocks reserved there."""
+        if self.router is None:
+            decode = self._pick_entry()
+            return decode, decode.reserve(request)
+        router, num_tokens = self.router, request.num_tokens
         p, d = router.select_pd(self.prefills, self.entries, num_tokens)
         prefill, decode = self.prefills[p], self.entries[d]
         self._prefill_of[request.request_id] = prefill
         try:
-            decode.add_remote(request)  # may dispatch at once (blocks free), through dispatch_prefill
+            reserved = decode.reserve(request)
         except ValueError:
-            self._prefill_of.pop(request.request_id, None)
+            del self._prefill_of[request.request_id]
             raise
         router.sent(prefill, num_tokens)
         router.sent(decode, 1)
+        return decode, reserved
 
-    def dispatch_prefill(self, request: Request, decode: DecodeInstance) -> None:
-        """`decode` has reserved blocks for `request`: send the prefill task (splitwise: where the router said)."""
+    def _pick_entry(self) -> SimInstance:
+        if len(self.entries) == 1:
+            return self.entries[0]
+        return self.entries[self.entry_policy.pick([e.load for e in self.entries])]
+
+    def _prefill_for(self, request: Request) -> PrefillInstance:
+        """Where a request with reserved blocks sends its prefill task: where the router said (splitwise), else
+        where the dispatch policy picks now."""
         if self.router is not None:
-            prefill = self._prefill_of.pop(request.request_id)
-        else:
-            prefill = self.prefills[self.prefill_policy.pick([p.outstanding for p in self.prefills])]
-        prefill.add_task(request, decode)
+            return self._prefill_of.pop(request.request_id)
+        return self.prefills[self.prefill_policy.pick([p.outstanding for p in self.prefills])]
 
     def close(self) -> None:
         """No more requests will arrive (stops the splitwise heartbeats, which would otherwise tick forever)."""

@@ -15,19 +15,24 @@ carry no EOS ids and run to `max_tokens`, as benchmark requests do with
 `notify` fires when work arrives (a new request, a landed transfer, freed
 blocks), so idle time costs no events.
 
-Roles, as in `pdlab/cluster/`:
+Roles, as in `pdlab/cluster/`. A disaggregated request's life is one process
+(`SimCluster._disaggregated`); the instances below are what it waits on:
 - `SimInstance` ("mixed"): colocated serving, requests go in with `add`.
-- `PrefillInstance`: runs each decode instance's task with `max_tokens=1` and
-  `keep_blocks_after_finish`, pushes the KV over its `Link` (overlap model in
-  `links.py`), then hands the first token to the decode instance and frees
-  its blocks (`release`), as `prefill.py` does on `KVAck`.
-- `DecodeInstance`: the entry point: `add_remote` -> `reserve` -> dispatch to a
-  prefill picked by the cluster's dispatch policy -> `complete_transfer`.
+- `DecodeInstance`: `reserve` queues a request for blocks for its prompt's KV
+  and returns the event its process waits on; `join` puts it in the running
+  batch once its KV and first token have landed.
+- `PrefillInstance`: `add_task` computes a prompt with `max_tokens=1` and
+  `keep_blocks_after_finish`, pushing each chunk's KV over its `Link` as the
+  step computing it starts (overlap model in `links.py`); `deliver` waits
+  for the rest of it; `release` frees the blocks, as `prefill.py` does on
+  `KVAck`. A prompt whose KV has all landed when its last step ends is
+  handed over before the next step is scheduled, so its blocks are free for
+  that step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 
 import simpy
@@ -37,6 +42,7 @@ from pdlab.policy.request import Request
 from pdlab.policy.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pdlab.sim.cost import CostModel
 from pdlab.sim.gpus import MpsGpu, TimeSlicedGpu
+from pdlab.sim.handoff import Handoff
 from pdlab.sim.links import Link
 
 # Every simulated step samples this id; no simulated request has EOS ids or stop ids.
@@ -113,21 +119,30 @@ class SimInstance:
             self.busy_s += step_s
             sampled = {item.request.request_id: FAKE_TOKEN_ID for item in batch.items if item.sample}
             touched = scheduler.update(batch, sampled, env.now)
-            self.end_step([r for r in touched if r.is_finished])
+            finished = [r for r in touched if r.is_finished]
+            if finished:
+                yield from self.end_step(finished)
 
     def start_step(self, batch: ScheduledBatch) -> None:
         """The step's compute starts now (a prefill instance starts its KV pushes)."""
 
-    def end_step(self, finished: list[Request]) -> None:
+    def end_step(self, finished: list[Request]) -> Generator:
+        """`finished` ended in the step that just ended; the loop schedules the next step when this returns."""
         self.finished.extend(finished)
+        yield from ()
 
 
 @dataclass
 class PrefillJob:
+    """A prompt computed here for a decode instance, until its KV has crossed the link and its blocks are free."""
+
     request_id: str
-    decode: DecodeInstance
+    computed: Handoff  # fires when the step computing the last chunk ends
     transfers: list[simpy.Event] = field(default_factory=list)  # one per computed chunk, on the link
     last_chunk_bytes: float = 0.0
+    tail_s: float = 0.0  # after the last step: the link's latency and the last chunk's last layer
+    landed: bool = False  # all of the KV had crossed when the last step ended
+    released: Handoff | None = None  # fires on `release`, when the loop waits for it (`landed`)
 
 
 class PrefillInstance(SimInstance):
@@ -139,81 +154,93 @@ class PrefillInstance(SimInstance):
         self.link = link
         self.kv_bytes_per_token = kv_bytes_per_token
         self.num_layers = num_layers
-        self.tasks: dict[str, PrefillJob] = {}  # dispatched here, KV not yet delivered
-        self.num_tasks = 0  # tasks ever dispatched here
+        self.tasks: dict[str, PrefillJob] = {}  # added here, KV not yet delivered
+        self.num_tasks = 0  # tasks ever added here
         self.num_task_tokens = 0  # their known tokens (what FastDeploy's prefill load counts)
 
     @property
     def outstanding(self) -> int:
         return len(self.tasks)
 
-    def add_task(self, request: Request, decode: DecodeInstance) -> None:
-        """Compute `request`'s prompt (the decode side's object is not touched) for `decode`."""
+    def add_task(self, request: Request) -> PrefillJob:
+        """Compute `request`'s prompt (the decode side's object is not touched); wait on the job's `computed`."""
         local = Request(request.request_id, request.prompt_token_ids, replace(request.params, max_tokens=1),
                         arrival_time_s=request.arrival_time_s, keep_blocks_after_finish=True)
-        self.tasks[request.request_id] = PrefillJob(request.request_id, decode)
+        job = self.tasks[request.request_id] = PrefillJob(request.request_id, Handoff(self.env))
         self.num_tasks += 1
         self.num_task_tokens += request.num_tokens
         self.add(local)
+        return job
 
     def start_step(self, batch: ScheduledBatch) -> None:
         # Each chunk's KV goes out layer by layer while the step computes it (a recomputed
         # chunk, after a preemption here, is sent again, as the real prefill does).
         for item in batch.items:
-            task = self.tasks[item.request.request_id]
-            task.last_chunk_bytes = item.num_tokens * self.kv_bytes_per_token
-            task.transfers.append(self.link.transfer(task.last_chunk_bytes))
+            job = self.tasks[item.request.request_id]
+            job.last_chunk_bytes = item.num_tokens * self.kv_bytes_per_token
+            job.transfers.append(self.link.transfer(job.last_chunk_bytes))
 
-    def end_step(self, finished: list[Request]) -> None:
+    def end_step(self, finished: list[Request]) -> Generator:
         spec = self.link.spec
         for request in finished:
-            task = self.tasks[request.request_id]
+            job = self.tasks[request.request_id]
             # The last layer of the last chunk is written at the end of the step and still has to cross the link.
-            tail_s = spec.latency_s + task.last_chunk_bytes / self.num_layers / spec.bandwidth_bytes_per_s
-            if tail_s == 0 and all(t.triggered for t in task.transfers):
-                self._deliver_now(task)
-            else:
-                self.env.process(self._deliver(task, tail_s))
+            job.tail_s = spec.latency_s + job.last_chunk_bytes / self.num_layers / spec.bandwidth_bytes_per_s
+            job.landed = job.tail_s == 0 and all(t.triggered for t in job.transfers)
+            job.computed.succeed()
+            if job.landed:  # handed over at once: its blocks come back before the next step is scheduled
+                job.released = Handoff(self.env)
+                yield job.released
 
-    def _deliver(self, task: PrefillJob, tail_s: float):
-        if tail_s > 0:
-            yield self.env.timeout(tail_s)
-        for transfer in task.transfers:
-            if not transfer.processed:
-                yield transfer
-        self._deliver_now(task)
+    def deliver(self, job: PrefillJob) -> Generator:
+        """Wait (in the request's process) until the last of the job's KV has crossed the link; the task is then
+        done here, though its blocks stay taken until `release`."""
+        if not job.landed:
+            if job.tail_s > 0:
+                yield self.env.timeout(job.tail_s)
+            for transfer in job.transfers:
+                if not transfer.processed:
+                    yield transfer
+        del self.tasks[job.request_id]
 
-    def _deliver_now(self, task: PrefillJob) -> None:
-        del self.tasks[task.request_id]
-        task.decode.receive(task.request_id)
-        self.scheduler.release(task.request_id)
+    def release(self, job: PrefillJob) -> None:
+        """The decode instance has the KV: free its blocks here."""
+        self.scheduler.release(job.request_id)
         self.notify()
+        if job.released is not None:
+            job.released.succeed()
 
 
 class DecodeInstance(SimInstance):
     role = "decode"
 
-    def __init__(self, env: simpy.Environment, name: str, spec: InstanceSpec, cost: CostModel | None,
-                 dispatch: Callable[[Request, DecodeInstance], None]) -> None:
+    def __init__(self, env: simpy.Environment, name: str, spec: InstanceSpec, cost: CostModel | None) -> None:
         super().__init__(env, name, spec, cost)
-        self.dispatch = dispatch  # sends a reserved request's prefill task to some prefill instance
+        self._reserved: dict[str, Handoff] = {}  # queued for blocks: fires when they are reserved
 
-    def add_remote(self, request: Request) -> None:
+    def reserve(self, request: Request) -> Handoff:
+        """Queue `request` for blocks for its prompt's KV; the event fires once they are reserved, in arrival
+        order (admission control). Raises ValueError (and queues nothing) for a request too long for the model."""
         self.scheduler.add_remote(request)
-        self.reserve_and_dispatch()
+        reserved = self._reserved[request.request_id] = Handoff(self.env)
+        self._reserve_queued()
+        return reserved
 
-    def reserve_and_dispatch(self) -> None:
-        for request in self.scheduler.reserve():
-            self.dispatch(request, self)
+    def _reserve_queued(self) -> int:
+        reserved = self.scheduler.reserve()
+        for request in reserved:
+            self._reserved.pop(request.request_id).succeed()
+        return len(reserved)
 
-    def receive(self, request_id: str) -> None:
-        """The prompt's KV and first token have landed: join the running batch."""
+    def join(self, request_id: str) -> Generator:
+        """The prompt's KV and first token have landed: join the running batch (in the request's process)."""
         request = self.scheduler.complete_transfer(request_id, FAKE_TOKEN_ID, self.env.now)
         if request is not None and request.is_finished:  # max_tokens == 1
-            self.end_step([request])
+            self.finished.append(request)
+            if self._reserve_queued():  # the requests its blocks admit send their prefill tasks first
+                yield Handoff(self.env).succeed()
         self.notify()
 
-    def end_step(self, finished: list[Request]) -> None:
-        super().end_step(finished)
-        if finished:  # freed blocks and slots may admit queued remote requests
-            self.reserve_and_dispatch()
+    def end_step(self, finished: list[Request]) -> Generator:
+        yield from super().end_step(finished)
+        self._reserve_queued()  # freed blocks and slots may admit queued remote requests

@@ -82,7 +82,7 @@ def _arrivals(env: simpy.Environment, cluster: SimCluster, requests: Sequence[Re
         request = Request(spec.request_id, list(spec.prompt_token_ids), params[spec.max_tokens],
                           arrival_time_s=spec.arrival_s)
         try:
-            cluster.submit(request)
+            yield cluster.submit(request)
         except ValueError as e:  # too long for max_model_len, or a duplicate id
             errors[spec.request_id] = str(e)
             continue

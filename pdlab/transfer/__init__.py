@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pdlab.engine.kv_cache import KVCache
+    from pdlab.models.kv_cache import KVCache
     from pdlab.transfer.base import KVReceiver, KVSender
     from pdlab.transfer.descriptor import KVDescriptor
 
@@ -39,7 +39,7 @@ def make_sender(protocol: str, local: KVCache, dst: KVDescriptor, socket, **rdma
 
         return ShmSender(local, dst, socket)
     if protocol == "rdma":
-        from pdlab.transfer.rdma import RdmaSender
+        from pdlab.transfer.rdma_sender import RdmaSender
 
         return RdmaSender(local, dst, socket, **rdma)
     raise ValueError(f"unknown KV transfer protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -62,7 +62,7 @@ def make_receiver(protocol: str, local: KVCache, **rdma) -> KVReceiver:
 
         return ShmReceiver(local)
     if protocol == "rdma":
-        from pdlab.transfer.rdma import RdmaReceiver
+        from pdlab.transfer.rdma_receiver import RdmaReceiver
 
         return RdmaReceiver(local, **rdma)
     raise ValueError(f"unknown KV transfer protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kv_cache import KVCache
 from pdlab.transfer.descriptor import KVDescriptor, KVLayer
 
 

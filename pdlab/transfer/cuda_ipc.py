@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdlab.engine.cuda_handles import (
+from pdlab.transfer.cuda_handles import (
     IPC_HANDLE_BYTES,
     CudaIpcError,
     close_handle,
@@ -29,7 +29,7 @@ from pdlab.engine.cuda_handles import (
     export_handle,
     open_handle,
 )
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kv_cache import KVCache
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError
 from pdlab.transfer.descriptor import KVDescriptor
 

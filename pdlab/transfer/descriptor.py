@@ -50,7 +50,7 @@ class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shm_name: str = ""
     host: str = ""
     # rdma: "host:port" of the decode instance's rdma comm port (one per GPU), where a prefill
-    # sets up its queue pair and learns the cache's memory region (pdlab/transfer/rdma.py).
+    # sets up its queue pair and learns the cache's memory region (pdlab/transfer/rdma_sender.py).
     rdma_endpoint: str = ""
     # Tensor parallelism: the decode instance's size, and each rank's cache (empty: one rank).
     tensor_parallel_size: int = 1

@@ -1,5 +1,5 @@
 """rdma's set-up: the start-up check, and the messages a prefill and a decode instance exchange on
-the decode instance's rdma comm port to connect a queue pair (pdlab/transfer/rdma.py).
+the decode instance's rdma comm port to connect a queue pair (rdma_sender.py, rdma_receiver.py).
 
 Importable without pyverbs: the check imports it when called, and says why it cannot run.
 """
@@ -21,6 +21,7 @@ from pdlab.transfer.base import TransferError
 ENV_NICS = "KVCACHE_RDMA_NICS"  # comma-separated device names, e.g. "mlx5_2,mlx5_3"
 IB_PORT = 1
 MAX_SETUP_BYTES = 4096
+SETUP_TIMEOUT_S = 10.0  # for the TCP exchange, on either side
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""pyverbs plumbing of the rdma transport (pdlab/transfer/rdma.py): an opened NIC with its protection
+"""pyverbs plumbing of the rdma transport (rdma_sender.py, rdma_receiver.py): an opened NIC with its protection
 domain, memory registration, and RC queue pairs moved INIT -> RTR -> RTS. pyverbs is optional: without it
 this imports, `PyverbsError` is an empty tuple, and `require_pyverbs` says why the transport cannot start.
 """
@@ -21,7 +21,7 @@ try:  # optional: pyverbs ships with the host's rdma-core; `rdma_status` explain
     with keep_root_logging():
         import pyverbs.enums as e
         from pyverbs.addr import GID, AHAttr, GlobalRoute
-        from pyverbs.cq import CQ, cqe_status_to_str  # noqa: F401  (the sender's, through rdma.py)
+        from pyverbs.cq import CQ, cqe_status_to_str  # noqa: F401  (the sender's, through rdma_sender.py)
         from pyverbs.device import Context
         from pyverbs.mr import MR
         from pyverbs.pd import PD

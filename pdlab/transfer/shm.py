@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kv_cache import KVCache
 from pdlab.models.load import DTYPES
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError
 from pdlab.transfer.descriptor import KVDescriptor

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pdlab.cluster import deploy, mps
-from pdlab.cluster.deploy import Deployment
+from pdlab.cluster import deployment, mps
+from pdlab.cluster.deployment import Deployment
 from pdlab.cluster.launch import InstanceProcess
 from pdlab.cluster.mps import MpsDaemon, MpsError
 
 
 def one_gpu(monkeypatch, count: int = 1) -> None:
-    monkeypatch.setattr(deploy, "_num_gpus", lambda: count)
+    monkeypatch.setattr(deployment, "_num_gpus", lambda: count)
 
 
 def flags(args: list[str]) -> dict[str, str]:
@@ -20,7 +20,7 @@ def flags(args: list[str]) -> dict[str, str]:
 
 def test_a_pair_on_one_gpu_gets_each_role_its_memory_share_and_sm_limit(monkeypatch):
     one_gpu(monkeypatch)
-    d = Deployment("tiny", "disaggregated", ["--gpu-memory-utilization", "0.8"], gpu_sharing="mps",
+    d = Deployment("tiny", "disaggregated", gpu_sharing="mps", gpu_memory_utilization=0.8,
                    sm_percentage={"prefill": 60, "decode": 40}, memory_share={"decode": 0.5})
     envs = d.placement()
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "0"]  # the decode wraps around onto GPU 0
@@ -36,6 +36,16 @@ def test_time_sliced_instances_get_no_sm_limit_and_instances_alone_keep_the_engi
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1"]
     assert all(d.gpu_args(role, env, envs) == [] for (role, _), env in zip(d.roles, envs))
 
+
+
+def test_the_memory_share_is_a_field_that_instances_alone_get_whole(monkeypatch):
+    one_gpu(monkeypatch, count=2)
+    d = Deployment("tiny", "disaggregated", gpu_memory_utilization=0.7)
+    envs = d.placement()
+    assert all(d.gpu_args(role, env, envs) == ["--gpu-memory-utilization", "0.7"]
+               for (role, _), env in zip(d.roles, envs))
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        Deployment("tiny", "colocated", ["--gpu-memory-utilization", "0.5"])
 
 def test_the_decode_maps_the_weights_of_the_prefill_on_its_gpu_only(monkeypatch):
     one_gpu(monkeypatch)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pdlab.cluster.client import RemoteEngine, ping
-from pdlab.cluster.deploy import Deployment
+from pdlab.cluster.deployment import Deployment
 from pdlab.cluster.launch import start_instance
 from pdlab.engine.memory import ACTIVATION_RESERVE_BYTES, CUDA_CONTEXT_BYTES
 from pdlab.sampling_params import SamplingParams

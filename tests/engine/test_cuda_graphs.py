@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pdlab import LLM, SamplingParams
-from pdlab.engine.attention import SeqSlice
+from pdlab.models.attention import SeqSlice
 from pdlab.engine.cuda_graphs import batch_sizes
 from pdlab.engine.kv_io import Push
 from pdlab.engine.model_runner import StepInputs

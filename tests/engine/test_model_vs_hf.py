@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kv_cache import KVCache
 from pdlab.engine.model_runner import ModelRunner
 from pdlab.models.config import ModelConfig, RopeScaling
 from pdlab.models.transformer import Transformer

@@ -23,7 +23,7 @@ import torch
 import zmq
 
 from pdlab.cluster.messages import KVDescriptor, KVLayer, PrefillDone, decode, encode
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kv_cache import KVCache
 from pdlab.models.presets import PRESETS
 from pdlab.transfer import make_receiver, make_sender, rdma_status
 from pdlab.transfer.base import KVReceiver, KVSender, TransferError

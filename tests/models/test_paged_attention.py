@@ -17,8 +17,8 @@ import torch
 pytest.importorskip("triton", reason="the triton package is not installed: no kernels to test")
 
 from pdlab import LLM, SamplingParams  # noqa: E402
-from pdlab.engine.attention import AttentionContext, SeqSlice, resolve_attention_backend  # noqa: E402
-from pdlab.engine.kernels import triton_interpreted  # noqa: E402
+from pdlab.models.attention import AttentionContext, SeqSlice, resolve_attention_backend  # noqa: E402
+from pdlab.models.kernels import triton_interpreted  # noqa: E402
 from pdlab.errors import ConfigError  # noqa: E402
 from pdlab.models.config import ModelConfig  # noqa: E402
 
@@ -27,7 +27,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA and not triton_interpreted():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is off: the kernels cannot run here", allow_module_level=True)
 
-from pdlab.engine.kernels import paged_attention as kernels  # noqa: E402  (after TRITON_INTERPRET is set)
+from pdlab.models.kernels import paged_attention as kernels  # noqa: E402  (after TRITON_INTERPRET is set)
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
@@ -207,7 +207,7 @@ def _mixed_step(backend: str, dtype: torch.dtype, seed: int):
     gen = torch.Generator().manual_seed(seed)
     config = ModelConfig(vocab_size=16, hidden_size=64, intermediate_size=16, num_layers=2, num_heads=4,
                          num_kv_heads=2, max_position_embeddings=512, name="attn-test")
-    from pdlab.engine.kv_cache import KVCache
+    from pdlab.models.kv_cache import KVCache
 
     block_size = 8
     cache = KVCache(config, num_blocks=80, block_size=block_size, dtype=dtype, device=DEVICE)

@@ -1,6 +1,6 @@
 """The Triton kernels of x @ dequant(W)^T for wint8/wint4 weights (pdlab/models/quant.py).
 
-Three ways to compute a quantized linear; `pdlab/engine/kernels/wint_linear.py` picks one by M (x's rows):
+Three ways to compute a quantized linear; `pdlab/models/kernels/wint_linear.py` picks one by M (x's rows):
 
 - `wint_gemv` (one row: a decode step of one request): no loop and no MMA. Each program loads one chunk of
   whole groups of the packed weight in one wide load, converts it to fp32 and multiplies each row of x by

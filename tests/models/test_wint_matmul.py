@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 
-from tests.engine.triton_env import DEVICE, DTYPES, ON_GPU  # first: skips this module without a GPU or the interpreter
+from tests.models.triton_env import DEVICE, DTYPES, ON_GPU  # first: skips this module without a GPU or the interpreter
 
 # isort: split
-from pdlab.engine.kernels import wint_linear as wl
-from pdlab.engine.kernels import wint_matmul as wm
+from pdlab.models.kernels import wint_linear as wl
+from pdlab.models.kernels import wint_matmul as wm
 from pdlab.models.quant import METHODS, QuantMethod, quantize
 
 # Relative tolerance: the output's rounding (fp32 accumulation in both).

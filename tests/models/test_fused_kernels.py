@@ -1,4 +1,4 @@
-"""The per-layer fused kernels (pdlab/engine/kernels/fused.py) against the PyTorch reference of the model.
+"""The per-layer fused kernels (pdlab/models/kernels/fused.py) against the PyTorch reference of the model.
 
 On a GPU in bf16 and fp16; without one, in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1) in fp16 and fp32. Fresh random inputs with odd sizes (non-power-of-two
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.engine.triton_env import DEVICE, DTYPES  # first: skips this module without a GPU or the interpreter
+from tests.models.triton_env import DEVICE, DTYPES  # first: skips this module without a GPU or the interpreter
 
 # isort: split
-from pdlab.engine.kernels import fused
+from pdlab.models.kernels import fused
 from pdlab.models.transformer import apply_rope, rms_norm
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pdlab.engine.kernels.wint_matmul import (
+from pdlab.models.kernels.wint_matmul import (
     GemvConfig, TileConfig, _num_sms, dequantize_weight, pick_config, pick_gemv_config, wint_gemv, wint_matmul,
 )
 from pdlab.models.quant import QuantizedWeight

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdlab.cluster.deploy import Deployment
+from pdlab.cluster.deployment import Deployment
 from pdlab.cluster.launch import InstanceProcess, LaunchError
 from pdlab.errors import ConfigError
 from pdlab.lifetime import GRACE_S, POLL_S
@@ -23,7 +23,7 @@ from tests.test_lifetime import alive, gone_within
 # A runner as `python -m pdlab.run` is one: a deployment in the main thread, stopped on Ctrl-C or SIGTERM.
 RUNNER = """
 import sys, time
-from pdlab.cluster.deploy import Deployment
+from pdlab.cluster.deployment import Deployment
 from pdlab.cluster.launch import Terminated
 try:
     with Deployment("tiny", "colocated", ["--device", "cpu", "--max-model-len", "256"]) as d:

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton", reason="the kernels are written in Triton")
 
-from pdlab.engine.kernels import triton_interpreted  # noqa: E402
+from pdlab.models.kernels import triton_interpreted  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and not triton_interpreted()
 if not ON_GPU and not triton_interpreted():

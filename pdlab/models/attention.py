@@ -6,7 +6,7 @@ queries over all of its cached positions. Two backends implement that
 contract:
 - "torch": portable PyTorch (the reference, and the CPU path): decodes in one
   batched SDPA call over a padded gather, prefill chunks one by one;
-- "triton": the kernels of pdlab/engine/kernels/paged_attention.py, one
+- "triton": the kernels of pdlab/models/kernels/paged_attention.py, one
   launch for the decodes and one for all prefill chunks of the step.
 """
 
@@ -19,8 +19,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pdlab.engine.kernels import triton_available, triton_interpreted
-from pdlab.engine.kv_cache import KVCache
+from pdlab.models.kernels import triton_available, triton_interpreted
+from pdlab.models.kv_cache import KVCache
 from pdlab.errors import ConfigError
 
 AttentionBackend = Literal["torch", "triton"]
@@ -149,7 +149,7 @@ class AttentionContext:
 
     def _attention_triton(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           out: torch.Tensor) -> torch.Tensor:
-        from pdlab.engine.kernels import paged_attention as kernels  # imports Triton on first use only
+        from pdlab.models.kernels import paged_attention as kernels  # imports Triton on first use only
 
         # Every row of out is written by exactly one of the two launches.
         if self.decode_rows.numel():

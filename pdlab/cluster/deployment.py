@@ -95,6 +95,9 @@ class Deployment:
     gpu_sharing: GpuSharing = "time"
     sm_percentage: dict[str, int] = field(default_factory=dict)  # mps: a role's SM limit (default 100)
     memory_share: dict[str, float] = field(default_factory=dict)  # a role's --gpu-memory-utilization
+    # Each instance's --gpu-memory-utilization, split evenly among instances that share a GPU (and no role's
+    # `memory_share`). None: the engine's default. Not in `engine_args`, where the split could not see it.
+    gpu_memory_utilization: float | None = None
     share_weights: bool = True
     mps_per_context: bool = True  # the MPS daemon's per-context SM partitioning
     instances: list[InstanceProcess] = field(default_factory=list)
@@ -103,6 +106,11 @@ class Deployment:
     _undo_sigterm: Callable[[], None] | None = field(default=None, repr=False)
     _temp_log_dir: Path | None = field(default=None, repr=False)
     _load_watch: LoadWatch | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if "--gpu-memory-utilization" in self.engine_args:
+            raise ValueError("give the memory share as Deployment(gpu_memory_utilization=...), not in engine_args: "
+                             "the deployment splits it among the instances that share a GPU")
 
     @property
     def roles(self) -> list[tuple[str, int]]:
@@ -142,20 +150,21 @@ class Deployment:
         if role in self.memory_share:
             args += ["--gpu-memory-utilization", f"{self.memory_share[role]:g}"]
         elif (sharing := self.sharing(env, envs)) > 1:
-            args += ["--gpu-memory-utilization", f"{self._utilization() / sharing:.3f}"]
+            args += ["--gpu-memory-utilization", f"{self.utilization / sharing:.3f}"]
+        elif self.gpu_memory_utilization is not None:
+            args += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}"]
         if self.gpu_sharing == "mps" and role in self.sm_percentage:
             args += ["--sm-percentage", str(self.sm_percentage[role])]
         return args
 
-    def _utilization(self) -> float:
-        """The engine's --gpu-memory-utilization (its default when the engine arguments do not set it)."""
+    @property
+    def utilization(self) -> float:
+        """Each instance's share of a GPU it has alone: `gpu_memory_utilization`, or the engine's default."""
+        if self.gpu_memory_utilization is not None:
+            return self.gpu_memory_utilization
         from pdlab.engine.config import EngineConfig
 
-        value = EngineConfig().gpu_memory_utilization
-        for flag, arg in zip(self.engine_args, self.engine_args[1:]):
-            if flag == "--gpu-memory-utilization":
-                value = float(arg)
-        return value
+        return EngineConfig().gpu_memory_utilization
 
     def start(self) -> Deployment:
         check_device(self.engine_args)  # a missing GPU fails now, not after the instances have started

@@ -1,6 +1,6 @@
 """Triton attention over the paged KV cache: decode (flash-decoding) and varlen prefill.
 
-Cache layout (pdlab/engine/kv_cache.py): k_cache, v_cache [num_blocks, block_size, H_kv, D];
+Cache layout (pdlab/models/kv_cache.py): k_cache, v_cache [num_blocks, block_size, H_kv, D];
 position p of a sequence lives in block `block_table[p // block_size]` at offset
 `p % block_size`. Both kernels gather keys token by token through the block
 table, so one tile of BLOCK_N keys may span several cache blocks: any block

@@ -1,8 +1,8 @@
-"""GPU kernels of the engine, written in Triton.
+"""GPU kernels of the model's forward, written in Triton.
 
 - `paged_attention.py`: decode (flash-decoding over block tables) and varlen
   prefill (chunks after cached positions) attention on the paged KV cache;
-  the GPU path of `pdlab.engine.attention.AttentionContext`;
+  the GPU path of `pdlab.models.attention.AttentionContext`;
 - `wint_matmul.py`: weight-only int8/int4 matmuls (pdlab/models/quant.py), and `wint_linear.py`, which
   picks one by rows and card from a measured table (`configs/`).
 
