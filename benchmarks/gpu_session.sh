@@ -38,7 +38,7 @@ profile() { [[ " ${PROFILES:-bf16 wint4} " == *" $1 "* ]]; }
 # Seconds each stage took on an H200 (2026-12-01): tests ~110, kernels ~150, engine ~200 (+ ~60 with the HF
 # baseline), profiles ~100 each, experiment ~75 for one GPU. Keep a device call under its 10 minutes.
 marks="gpu"; [ "$GPUS" -ge 2 ] && marks="gpu or gpu2"
-kernel_tests="tests/engine/test_fused_kernels.py tests/engine/test_wint_matmul.py tests/engine/test_paged_attention.py \
+kernel_tests="tests/models/test_fused_kernels.py tests/models/test_wint_matmul.py tests/models/test_paged_attention.py \
   tests/engine/test_cuda_graphs.py"  # these run on the GPU when there is one, whatever their marks
 stage tests && run kernel-tests 200 python3 -m pytest -q --tb=short $kernel_tests
 stage tests && run gpu-tests 300 python3 -m pytest -q --tb=short -m "$marks" \
