@@ -1,6 +1,6 @@
 """GPU kernels of the model's forward, written in Triton.
 
-- `paged_attention.py`: decode (flash-decoding over block tables) and varlen
+- `paged_attention.py` (launches; the kernels in `paged_attention_kernels.py`): decode (flash-decoding over block tables) and varlen
   prefill (chunks after cached positions) attention on the paged KV cache;
   the GPU path of `pdlab.models.attention.AttentionContext`;
 - `wint_matmul.py`: weight-only int8/int4 matmuls (pdlab/models/quant.py), and `wint_linear.py`, which
