@@ -26,8 +26,10 @@ by up to 2**-9 of itself, an error as large as wint8's own rounding, and fp16
 scales underflow for small groups; the kernels multiply in fp32 anyway. The
 price is 4 bytes per G weights: +3% of wint8's bytes, +6% of wint4's at G = 128.
 
-A row shorter than G (K < G) is one group of K values. Otherwise K must be a
-multiple of G. The group (the kernels' K tile) must be a power of two >= 32.
+A row shorter than G (K < G) that is a power of two is one group of K values. A row that
+is no multiple of G takes the largest power of two >= 32 that divides K (SmolLM2's rows of
+576: groups of 64); a row no such group divides cannot be quantized. The group (the
+kernels' K tile) is a power of two >= 32.
 
 Only the transformer's linears are quantized (qkv_proj, o_proj, gate_up_proj,
 down_proj); the embedding table, lm_head, norms and biases stay in the model
@@ -78,16 +80,18 @@ class QuantMethod:
         return 8 // self.bits
 
     def group_size_for(self, k: int, layer: str = "weight") -> int:
-        """The group size used for a row of `k` values; QuantizationError naming `layer` when k does not fit."""
-        if k < self.group_size:
-            if not _is_tile(k):
-                raise QuantizationError(f"{layer}: in_features {k} is shorter than {self.name}'s group size "
-                                        f"{self.group_size} and not a power of two >= 32, so it cannot be one group")
+        """The group size used for a row of `k` values: `group_size`, or for a row that is no multiple of it
+        the largest power of two >= 32 that divides k (SmolLM2's 576: 64); QuantizationError naming `layer`
+        when none does."""
+        if k < self.group_size and _is_tile(k):
             return k
-        if k % self.group_size:
-            raise QuantizationError(
-                f"{layer}: in_features {k} is not a multiple of {self.name}'s group size {self.group_size}")
-        return self.group_size
+        g = self.group_size
+        while g >= 32 and k % g:
+            g //= 2
+        if g < 32:
+            raise QuantizationError(f"{layer}: in_features {k} is a multiple of no power of two from 32 to "
+                                    f"{self.name}'s group size {self.group_size}, so it cannot be cut into groups")
+        return g
 
 
 METHODS: dict[str, QuantMethod] = {"wint8": QuantMethod("wint8", 8), "wint4": QuantMethod("wint4", 4)}

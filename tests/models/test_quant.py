@@ -94,16 +94,21 @@ def test_quantizing_in_row_slabs_changes_nothing(monkeypatch):
 
 
 def test_shapes_that_do_not_fit_name_the_layer():
-    with pytest.raises(QuantizationError, match=r"layers\.0\.qkv_proj: in_features 576 is not a multiple .* 128"):
-        quantize(torch.randn(8, 576), WINT4, layer="layers.0.qkv_proj")
-    with pytest.raises(QuantizationError, match=r"down: in_features 48 .* not a power of two"):
-        quantize(torch.randn(8, 48), WINT8, layer="down")
+    with pytest.raises(QuantizationError, match=r"layers\.0\.qkv_proj: in_features 48 is a multiple of no power "
+                                                r"of two from 32 to wint4's group size 128"):
+        quantize(torch.randn(8, 48), WINT4, layer="layers.0.qkv_proj")
+    with pytest.raises(QuantizationError, match=r"down: in_features 1000 is a multiple of no power of two"):
+        quantize(torch.randn(8, 1000), WINT8, layer="down")
     with pytest.raises(QuantizationError, match="2-d floating-point"):
         quantize(torch.randn(8, 4, 32), WINT8)
     with pytest.raises(QuantizationError, match="inf or nan"):
         quantize(torch.tensor([[float("inf")] + [0.0] * 127]), WINT8, layer="o")
-    # A row shorter than a group is one group (the tiny test presets have K = 64).
+    # A row shorter than a group is one group (the tiny test presets have K = 64); a row that is no multiple of
+    # the group takes the largest power of two that divides it (SmolLM2's 576 and 1536: 64 and 128).
     assert quantize(torch.randn(8, 64), WINT4).group_size == 64
+    assert [quantize(torch.randn(8, k), WINT4).group_size for k in (576, 1536, 160, 4096)] == [64, 128, 32, 128]
+    w = torch.randn(8, 576)
+    assert (quantize(w, WINT4).dequantize() - w).abs().max() <= w.abs().max() / 7 / 2 + 1e-6
     with pytest.raises(ValueError, match="power of two"):
         QuantMethod("wint4", 4, group_size=100)
 

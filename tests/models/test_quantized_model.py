@@ -112,8 +112,8 @@ def test_a_checkpoint_is_loaded_then_quantized(tmp_path: Path):
 
 
 def test_a_shape_that_does_not_fit_is_a_config_error_naming_the_layer():
-    odd = WIDE.with_(hidden_size=192, num_heads=3, num_kv_heads=1, name="odd")  # K = 192: not a multiple of 128
-    with pytest.raises(ConfigError, match=r"'wint4' does not fit odd: layers\.0\.qkv_proj: in_features 192"):
+    odd = WIDE.with_(hidden_size=48, num_heads=3, num_kv_heads=1, name="odd")  # K = 48: no group of 32 or more
+    with pytest.raises(ConfigError, match=r"'wint4' does not fit odd: layers\.0\.qkv_proj: in_features 48"):
         load_model(preset(odd), torch.float32, CPU, quantization="wint4")
     with pytest.raises(ConfigError, match="unknown quantization 'fp8'"):
         load_model(preset(WIDE), torch.float32, CPU, quantization="fp8")
