@@ -176,3 +176,12 @@ def test_on_gpu_both_paths_of_wint_linear_on_a_real_shape(method):
     for m in (1, 7, 64, 200, 1024):
         x, w, bias = make(METHODS[method], m, 4096, 4096, torch.bfloat16, seed=m)
         assert_matches(wl.wint_linear(x, w, bias), reference(x, w, bias), torch.bfloat16)
+
+
+@pytest.mark.parametrize("kernel", wl.KERNELS)
+@pytest.mark.parametrize("method", METHOD_IDS)
+def test_smollm2s_rows_of_576_in_groups_of_64(poisoned, method, kernel):
+    dtype = DTYPES[0] if DTYPES[0] != torch.float32 else torch.float16
+    x, w, bias = make(METHODS[method], 3, 40, 576, dtype, seed=30)
+    assert w.group_size == 64
+    assert_matches(wl.wint_linear(x, w, bias, choice=wl.Choice(kernel)), reference(x, w, bias), dtype)
