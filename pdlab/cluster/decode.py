@@ -132,6 +132,7 @@ class Decode(Frontend):
         return assigned.protocol if assigned is not None else self.instance.protocol
 
     def admit(self, request: Request, task: Task | None) -> None:
+        self.scheduler.add_remote(request)  # first: a request refused below is then ended like any other
         if task is not None:
             if task.protocol not in self.descriptors or not task.prefill_endpoint:
                 self.fail(request.request_id, f"the router asked for KV over {task.protocol!r} from "
@@ -139,7 +140,6 @@ class Decode(Frontend):
                                               f"{', '.join(self.descriptors)}", retry=True)
                 return
             self.assigned[request.request_id] = Assignment(task.prefill_id, task.prefill_endpoint, task.protocol)
-        self.scheduler.add_remote(request)
 
     # --- messages ---------------------------------------------------------------------
 

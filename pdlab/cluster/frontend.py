@@ -45,8 +45,9 @@ class Frontend(Role):
     def on_task(self, task: Task) -> None:
         agent = self.instance.agent
         reply = lambda update: agent.push_result(task.reply_to, encode_json(update))  # noqa: E731
-        if self.accept(task.request_id, task.prompt_token_ids, task.sampling, reply, seed=task.seed,
-                       output_token_ids=task.output_token_ids, task=task):
+        self.accept(task.request_id, task.prompt_token_ids, task.sampling, reply, seed=task.seed,
+                    output_token_ids=task.output_token_ids, task=task)
+        if task.request_id in self.replies:  # admitted and not already ended
             self.deadlines[task.request_id] = task.deadline_ts
 
     def accept(self, request_id: str, prompt_token_ids: list[int], sampling, reply: Reply, *, seed: int | None = None,

@@ -27,7 +27,8 @@ from pdlab import LLM, SamplingParams
 from pdlab.cluster.client import RemoteEngine, ping
 from pdlab.cluster.launch import InstanceProcess, free_port
 from pdlab.cluster.splitwise.keys import Keys
-from pdlab.cluster.splitwise.wire import decode_node
+from pdlab.cluster.messages import sampling_to_msg
+from pdlab.cluster.splitwise.wire import Task, decode_node, decode_update, encode
 from pdlab.cluster.splitwise.router import EXPIRY_GRACE_S
 from pdlab.engine.outputs import RequestOutput
 from tests.margins import STALL_S
@@ -293,6 +294,26 @@ def test_requests_past_their_ttl_end_with_an_error_and_free_their_blocks(cluster
     for o in outs.values():
         assert ttl_s <= o.finish_time_s - start_s < ttl_s + EXPIRY_GRACE_S + STALL_S
     wait_idle([prefill, decode])
+
+
+def test_a_task_naming_a_protocol_the_decode_lacks_ends_at_once_with_retry(cluster, redis_server):
+    """A router's task that asks a tcp-only decode for KV over rdma (a stale view of the decode, say) is
+    answered at once with an error marked retry, so that the router sends it elsewhere; nothing stays."""
+    topic = new_topic()
+    decode = start(cluster, "decode", redis_server, topic, "tcp")
+    decode.wait_ready(120)
+    (node,) = wait_nodes(redis_server, topic, 1)
+    keys, r = Keys(topic), redis_server.client()
+    task = Task("r0#0", [5, 6, 7, 8], sampling_to_msg(SamplingParams(max_tokens=4)), seed=0, reply_to="test-router",
+                deadline_ts=time.time() + 60, prefill_id="p0", prefill_endpoint="tcp://127.0.0.1:1", protocol="rdma")
+    r.lpush(keys.inbox(node), encode(task))
+    popped = r.brpop([keys.results("test-router")], timeout=10 + STALL_S)
+    assert popped is not None, f"no answer within {10 + STALL_S:.0f} s\n{logs([decode])}"
+    update = decode_update(popped[1])
+    assert update.finished and update.retry and update.finish_reason == "error"
+    assert "KV over 'rdma'" in update.error and "receives over tcp" in update.error
+    assert r.llen(keys.results("test-router")) == 0  # answered once, not again at every tick
+    wait_idle([decode])
 
 
 # --- 4. Redis missing or going away -------------------------------------------------------------------------
