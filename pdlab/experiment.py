@@ -120,7 +120,7 @@ class RunSection(Section):
     # decode instance maps the prefill's weights instead of loading a copy.
     gpu_sharing: Literal["time", "mps"] = "time"
     # sim: the GPUs the layout is placed on, as a real deployment places it on a machine with that many (instances
-    # wrap around and share): time-sliced instances on one GPU take turns, under MPS they share its throughput,
+    # wrap around and share): instances on one GPU share its throughput, one GPU's worth time-sliced and under MPS
     # `mps_capacity` GPUs' worth together (pdlab/sim/gpus.py). None: each instance has its own GPU.
     num_gpus: PositiveInt | None = None
     mps_capacity: float = Field(1.0, ge=1, le=4)

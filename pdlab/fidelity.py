@@ -1,7 +1,7 @@
 """Replay the real runs of a result in the simulator and write how far apart they are (`fidelity.csv`).
 
     python -m pdlab.fidelity data/results/one_gpu_conversation \
-        --profile data/profiles/llama3-8b_bf16_tp1_h100.csv --step-overhead-ms 3.6 --mps-capacity 1.4
+        --profile data/profiles/llama3-8b_bf16_tp1_h100.csv --step-overhead-ms 3.6 --mps-capacity 1.2
 
 replays every real run of a committed result in the simulator (its exact request list, with those settings,
 on as many GPUs as the machine had) and writes `fidelity.csv` beside it: the errors of
@@ -23,7 +23,7 @@ def replay_pairs(result, **settings) -> dict[str, tuple[list[RequestRecord], lis
     recorded beside it when the run said `backend: both`, else the run's request list replayed in the
     simulator now, with the run's settings, at the same rate, on as many GPUs as the machine that measured it
     had (from its provenance). `settings` replace the runs' own simulator settings, e.g.
-    `profile=PATH, step_overhead_ms=3.6, mps_capacity=1.4` (fields of `pdlab.experiment.RunSection`)."""
+    `profile=PATH, step_overhead_ms=3.6, mps_capacity=1.2` (fields of `pdlab.experiment.RunSection`)."""
     from pdlab.run import run_sim
 
     pairs = pairs_from_result(result)

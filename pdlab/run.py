@@ -129,7 +129,7 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     else:
         tps = [run.tp("prefill", e.tensor_parallel_size)] * run.num_prefill + \
               [run.tp("decode", e.tensor_parallel_size)] * run.num_decode
-    # Instances on shared GPUs take turns (time-sliced) or share each GPU's throughput (MPS, SM limits per role).
+    # Instances on shared GPUs share each GPU's throughput (time-sliced, or MPS with SM limits per role).
     gpu_of = None if run.num_gpus is None else tuple(ids[0] for ids in gpus_of(tps, run.num_gpus))
     roles = ["mixed"] * run.num_instances if run.mode == "colocated" else \
         ["prefill"] * run.num_prefill + ["decode"] * run.num_decode

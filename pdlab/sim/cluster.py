@@ -34,8 +34,8 @@ decode instance reserves blocks as before, then sends the task to the prefill
 the router chose. Colocated, the router picks a mixed instance by its tokens
 in flight. Default policy: `fastdeploy` (random among the near-least loaded).
 
-GPUs: `gpu_of` places the instances; those on one GPU take turns step by step
-(`gpu_sharing="time"`) or run at once and share its throughput under CUDA MPS
+GPUs: `gpu_of` places the instances; those on one GPU share its throughput, one GPU's
+worth in all when time-sliced (`gpu_sharing="time"`), `mps_capacity` under CUDA MPS
 (`"mps"`, each capped by its `sm_share`): pdlab/sim/gpus.py.
 
 Links: with `link_scope="per_prefill"` each prefill instance has its own
@@ -83,7 +83,7 @@ class Layout:
     dispatch: str | None = None  # a name in pdlab.policy.dispatch.POLICIES; None: the routing's default
     heartbeat_s: float = 0.0  # splitwise: loads reach the router in heartbeats this far apart (0: at once)
     # The GPU of each instance, in start order (prefills, then decodes; or the mixed ones), when some share one:
-    # their steps take turns (time-sliced, as separate processes on one GPU without MPS). None: each its own.
+    # they share it (time-sliced, as separate processes on one GPU without MPS, or MPS). None: each its own.
     gpu_of: tuple[int, ...] | None = None
     gpu_sharing: Literal["time", "mps"] = "time"
     sm_share: tuple[float, ...] | None = None  # mps: each instance's SM limit (start order); None: no limits

@@ -82,6 +82,10 @@ class ServedCost:
     def step_time_s(self, batch: ScheduledBatch) -> float:
         return self.engine.step_time_s(batch) + self.overhead_s
 
+    def host_time_s(self, batch: ScheduledBatch) -> float:
+        """The part of `step_time_s` spent on the host, when the GPU is free for other instances."""
+        return self.overhead_s
+
     def __getattr__(self, name: str):  # what else the engine's model offers (its memory sizes)
         if name == "engine":
             raise AttributeError(name)

@@ -1,15 +1,21 @@
 """GPUs that several simulated instances share: time-sliced, or side by side under CUDA MPS.
 
-An instance on its own GPU steps for its cost model's step time. Instances on one GPU:
-- `TimeSlicedGpu` (separate processes, no MPS): they take turns, one step at a time; a step waits for the
-  steps already on the GPU to end.
-- `MpsGpu` (CUDA MPS): their steps run at once and share the GPU (processor sharing). A step's work is its
-  time on the whole GPU alone; while several steps run, a `capacity` of whole-GPU speed is split evenly
-  among them, none faster than its instance's SM limit allows (`sm_speed`), and what one cannot use goes to
-  the others (water-filling). `capacity` 1: two steps together do no more than one alone, as two
-  compute-bound matmuls under MPS measured on an H100 (0.90-0.96 of one); steps that need different parts
-  of the GPU (a compute-bound prefill beside a bandwidth-bound decode) overlap better, which a capacity
-  above 1 stands for.
+An instance on its own GPU steps for its cost model's step time. Instances on one GPU share it by
+processor sharing (`SharedGpu`): a step's work is its time on the whole GPU alone; while several steps
+run, a `capacity` of whole-GPU speed is split evenly among them, none faster than its own cap, and what
+one cannot use goes to the others (water-filling). Only a step's GPU part is shared: the host's part of a
+served step (`ServedCost.host_time_s`) leaves the GPU to the others (pdlab/sim/instance.py).
+- Time-sliced (separate processes, no MPS; `TimeSlicedGpu`): the driver switches contexts every few
+  milliseconds, far more often than a step of tens of milliseconds ends, so contending steps progress
+  together at one GPU's speed in all (capacity 1, no caps). Modelled instead as whole steps taking turns,
+  the one-GPU runs' TTFT p50 came out 43-87% low (a prefill step ran alone once it had the GPU, where the
+  real one was stretched by the decode's slices); as processor sharing, with the host's part off the GPU,
+  within 3-41% (median 21%) and TPOT p50 within 2-38% (median 10%).
+- CUDA MPS (`MpsGpu`): kernels of both run at once; `capacity` above 1 stands for steps that need different
+  parts of the GPU (a compute-bound prefill beside a bandwidth-bound decode) and overlap. Two compute-bound
+  matmuls under MPS measured on an H100 did 0.90-0.96 of one alone. 1.2 gave the one-GPU MPS runs their
+  smallest median error (TTFT p50 18%, TPOT p50 24%; tried 1.0, 1.1, 1.2, 1.4 on all of them: in-sample).
+  Each step is capped by its instance's SM limit (`sm_speed`).
 
 How fast a step runs under an SM limit depends on what bounds it (`sm_speed`), fitted to the engine's own
 steps profiled under MPS on an H100 (`python -m pdlab.profiler --sm-percentage`, llama3-8b bf16;
@@ -39,19 +45,6 @@ def sm_speed(share: float, kind: str = "prefill") -> float:
     return share ** SM_EXPONENT
 
 
-class TimeSlicedGpu:
-    def __init__(self, env: simpy.Environment) -> None:
-        self.env = env
-        self._turn = simpy.Resource(env, capacity=1)
-
-    def run_step(self, step_s: float, sm_share: float, start: Callable[[], None], kind: str = "prefill") -> Generator:
-        """Wait for this GPU, call `start`, compute for `step_s` (an SM limit means nothing time-sliced)."""
-        with self._turn.request() as turn:
-            yield turn
-            start()
-            yield self.env.timeout(step_s)
-
-
 @dataclass
 class _Step:
     remaining_s: float  # work left, in seconds of the whole GPU
@@ -60,12 +53,13 @@ class _Step:
     rate: float = 0.0
 
 
-class MpsGpu:
-    def __init__(self, env: simpy.Environment, capacity: float = 1.0) -> None:
+class SharedGpu:
+    def __init__(self, env: simpy.Environment, capacity: float = 1.0, sm_limits: bool = True) -> None:
         if capacity < 1:
-            raise ValueError(f"an MPS GPU's capacity is at least one GPU's, got {capacity}")
+            raise ValueError(f"a shared GPU's capacity is at least one GPU's, got {capacity}")
         self.env = env
         self.capacity = capacity
+        self.sm_limits = sm_limits  # whether an instance's SM share caps its steps (MPS) or means nothing
         self.steps: list[_Step] = []
         self._since = env.now
         self._generation = 0  # bumped whenever the rates change; an older wake-up is stale
@@ -75,7 +69,7 @@ class MpsGpu:
         steps running."""
         start()
         self._advance()
-        step = _Step(step_s, sm_speed(sm_share, kind), self.env.event())
+        step = _Step(step_s, sm_speed(sm_share, kind) if self.sm_limits else 1.0, self.env.event())
         self.steps.append(step)
         self._reschedule()
         yield step.done
@@ -107,3 +101,13 @@ class MpsGpu:
             self.steps.remove(step)
             step.done.succeed()
         self._reschedule()
+
+
+def TimeSlicedGpu(env: simpy.Environment) -> SharedGpu:  # noqa: N802 - a kind of GPU, as MpsGpu
+    """Processes time-sliced by the driver: one GPU's speed in all, SM limits mean nothing."""
+    return SharedGpu(env, capacity=1.0, sm_limits=False)
+
+
+def MpsGpu(env: simpy.Environment, capacity: float = 1.0) -> SharedGpu:  # noqa: N802
+    """Processes side by side under CUDA MPS: `capacity` GPUs' worth together, each capped by its SM limit."""
+    return SharedGpu(env, capacity, sm_limits=True)

@@ -8,8 +8,8 @@ replaced by a cost model:
     scheduler.update(batch, sampled, env.now)
 
 `sampled` gives every sampling item the same fake token id. Instances that
-share a GPU (`gpu`, pdlab/sim/gpus.py) take turns (time-sliced) or share its
-throughput (MPS) instead of stepping for `step_time_s` each. Simulated requests
+share a GPU (`gpu`, pdlab/sim/gpus.py) share its throughput instead of stepping
+for `step_time_s` each; the host's part of a step leaves the GPU to the others. Simulated requests
 carry no EOS ids and run to `max_tokens`, as benchmark requests do with
 `ignore_eos`. An instance with nothing to schedule sleeps on an event that
 `notify` fires when work arrives (a new request, a landed transfer, freed
@@ -41,7 +41,7 @@ from pdlab.policy.block_manager import BlockManager
 from pdlab.policy.request import Request
 from pdlab.policy.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pdlab.sim.cost import CostModel
-from pdlab.sim.gpus import MpsGpu, TimeSlicedGpu
+from pdlab.sim.gpus import SharedGpu
 from pdlab.sim.handoff import Handoff
 from pdlab.sim.links import Link
 
@@ -78,7 +78,7 @@ class SimInstance:
         self.on_batch: Callable[[ScheduledBatch], None] | None = None
         self._wake: simpy.Event | None = None
         # The GPU this instance shares with others (pdlab/sim/gpus.py; None: its own), and its SM limit there.
-        self.gpu: TimeSlicedGpu | MpsGpu | None = None
+        self.gpu: SharedGpu | None = None
         self.sm_share = 1.0
         self.process = env.process(self.run())
 
@@ -113,8 +113,12 @@ class SimInstance:
             if self.gpu is None:
                 self.start_step(batch)
                 yield env.timeout(step_s)
-            else:
-                yield from self.gpu.run_step(step_s, self.sm_share, lambda: self.start_step(batch), batch.kind)
+            else:  # the host's part of the step leaves the GPU to the instances that share it
+                host_s = self.cost.host_time_s(batch) if hasattr(self.cost, "host_time_s") else 0.0
+                yield from self.gpu.run_step(step_s - host_s, self.sm_share, lambda: self.start_step(batch),
+                                             batch.kind)
+                if host_s:
+                    yield env.timeout(host_s)
             self.num_steps += 1
             self.busy_s += step_s
             sampled = {item.request.request_id: FAKE_TOKEN_ID for item in batch.items if item.sample}

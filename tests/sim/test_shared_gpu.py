@@ -1,5 +1,6 @@
-"""Instances that share one GPU time-sliced take turns: their steps never overlap, and together they do no more
-work than one instance would."""
+"""Instances that share one GPU: time-sliced, their steps progress together at one GPU's speed in all (the
+driver's slices are far shorter than a step); under MPS each is capped by its SM limit and together they do
+`capacity` GPUs' worth. Either way a layout's instances are placed on GPUs as real deployments are."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def trace(layout: Layout, requests, step_s: float):
         instance.start_step = start_step
     env.process(_arrivals(env, cluster, requests, {}, {}))
     env.run()
+    cluster.end_s = env.now
     return cluster, spans
 
 
@@ -41,35 +43,33 @@ def requests(n: int, gap_s: float = 0.0):
     return [RequestSpec(f"r{i}", i * gap_s, (7,) * 40, 20) for i in range(n)]
 
 
-def test_a_prefill_and_a_decode_on_one_time_sliced_gpu_never_step_at_once():
+def test_a_prefill_and_a_decode_on_one_time_sliced_gpu_do_one_gpus_work_at_most():
     layout = Layout(InstanceSpec(CONFIG, 512), mode="disaggregated", link=LINKS["ideal"], gpu_of=(0, 0))
     cluster, spans = trace(layout, requests(30, gap_s=0.003), step_s=0.01)
-    names = {name for name, _, _ in spans}
-    assert names == {"prefill-0", "decode-0"}  # both worked
-    ordered = sorted((start, end) for _, start, end in spans)
-    assert all(a_end <= b_start + 1e-12 for (_, a_end), (b_start, _) in zip(ordered, ordered[1:]))
-    # On their own GPUs the same pair overlaps.
-    _, apart = trace(Layout(InstanceSpec(CONFIG, 512), mode="disaggregated", link=LINKS["ideal"]),
+    assert {name for name, _, _ in spans} == {"prefill-0", "decode-0"}  # both worked
+    busy = sum(i.num_steps for i in cluster.instances) * 0.01  # the GPU work of every step
+    assert cluster.end_s >= busy - 1e-9
+    # On their own GPUs the same pair finishes sooner: its steps overlap.
+    apart, _ = trace(Layout(InstanceSpec(CONFIG, 512), mode="disaggregated", link=LINKS["ideal"]),
                      requests(30, gap_s=0.003), step_s=0.01)
-    ordered = sorted((start, end) for _, start, end in apart)
-    assert any(a_end > b_start + 1e-9 for (_, a_end), (b_start, _) in zip(ordered, ordered[1:]))
+    assert apart.end_s < cluster.end_s
 
 
 def test_two_replicas_on_one_time_sliced_gpu_saturate_at_one_instances_throughput():
     """All requests at once: the GPU is never idle until the end, so the time is the total of all steps,
-    the same whether one instance or two time-sliced replicas run them."""
+    the same whether one instance or two time-sliced replicas run them (an M/D/1-like saturation check)."""
     step_s = 0.01
     load = requests(64)
     one, _ = trace(Layout(InstanceSpec(CONFIG, 512)), load, step_s)
-    two, spans = trace(Layout(InstanceSpec(CONFIG, 512), num_instances=2, gpu_of=(0, 0)), load, step_s)
-    end_two = max(end for _, _, end in spans)
+    two, _ = trace(Layout(InstanceSpec(CONFIG, 512), num_instances=2, gpu_of=(0, 0)), load, step_s)
     steps_two = sum(i.num_steps for i in two.instances)
-    assert end_two == pytest.approx(steps_two * step_s)  # back to back: never idle, never overlapping
+    assert two.end_s == pytest.approx(steps_two * step_s)  # never idle, never more than one GPU's work
     apart, _ = trace(Layout(InstanceSpec(CONFIG, 512), num_instances=2), load, step_s)
     steps_one = one.instances[0].num_steps
     # Two replicas on their own GPUs finish in about half the time; time-sliced, in the time of all their steps.
     assert steps_two == pytest.approx(steps_one, rel=0.05)
-    assert end_two == pytest.approx(steps_one * step_s, rel=0.05)
+    assert two.end_s == pytest.approx(steps_one * step_s, rel=0.05)
+    assert apart.end_s < 0.6 * two.end_s
 
 
 def test_layouts_are_placed_on_gpus_as_real_deployments_are():
@@ -147,11 +147,34 @@ def test_concurrent_mps_steps_share_the_gpu_and_one_that_ends_frees_its_part():
     assert slow == pytest.approx(fast + (0.010 - rate * fast) / rate)
 
 
-def test_time_sliced_steps_run_one_after_the_other_whatever_their_limit():
+def test_time_sliced_steps_progress_together_at_one_gpus_speed_whatever_their_limit():
     from pdlab.sim.gpus import TimeSlicedGpu
 
-    assert run_steps(TimeSlicedGpu, [(0.0, 0.010, 0.5), (0.001, 0.004, 1.0)]) == [pytest.approx(0.010),
-                                                                                  pytest.approx(0.014)]
+    # 10 ms and (from 1 ms) 4 ms of work: the first alone for 1 ms, both at half speed until the short one ends
+    # at 1 + 8 = 9 ms, then the first alone for its last 5 ms. An SM share means nothing time-sliced.
+    assert run_steps(TimeSlicedGpu, [(0.0, 0.010, 0.5), (0.001, 0.004, 1.0)]) == [pytest.approx(0.014),
+                                                                                  pytest.approx(0.009)]
+
+
+def test_the_host_part_of_a_served_step_leaves_the_gpu_to_the_other_instance():
+    from pdlab.sim.cost import ServedCost
+
+    layout = Layout(InstanceSpec(CONFIG, 512), num_instances=2, gpu_of=(0, 0))
+    load = requests(64)
+    gpu_only, _ = trace(layout, load, step_s=0.010)
+    import simpy
+
+    from pdlab.sim.cluster import SimCluster
+    from pdlab.sim.simulation import _arrivals
+
+    env = simpy.Environment()  # the same steps, 4 ms of each on the host: 6 ms of GPU work a step
+    served = SimCluster(env, layout, ServedCost(FixedCost(0.006), overhead_s=0.004), seed=0)
+    env.process(_arrivals(env, served, load, {}, {}))
+    env.run()
+    steps = sum(i.num_steps for i in served.instances)
+    assert steps == sum(i.num_steps for i in gpu_only.instances)
+    # Each instance's host time overlaps the other's GPU time: sooner than all steps back to back.
+    assert env.now < 0.9 * gpu_only.end_s and env.now >= steps * 0.006 - 1e-9
 
 
 def test_a_simulated_mps_pair_overlaps_its_steps_and_never_exceeds_one_gpus_work():
