@@ -33,25 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton.testing  # noqa: E402
 
+from gpu_timing import copy_bandwidth_Bps, median_ms  # noqa: E402  (this folder: the script's)
 from pdlab.models.attention import decode_torch, prefill_torch  # noqa: E402
 from pdlab.models.kernels import paged_attention as kernels  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # llama3-8b
 DTYPE = torch.bfloat16
 ROTATE_BYTES = 256 << 20  # more than an H100/H200's L2 (50-60 MB)
-
-
-def median_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth_Bps() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = median_ms(lambda: b.copy_(a))
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * (1 << 30) / (ms * 1e-3)  # read + write
 
 
 def matmul_flops() -> float:

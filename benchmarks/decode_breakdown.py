@@ -34,24 +34,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_timing import gpu_ms  # noqa: E402  (this folder: the script's)
 from pdlab.engine.config import EngineConfig  # noqa: E402
 from pdlab.engine.engine import LLMEngine  # noqa: E402
 from pdlab.sampling_params import SamplingParams  # noqa: E402
 
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
-
-
-def gpu_ms(fn, reps: int = 20) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def fill(engine: LLMEngine, batch: int, context: int) -> None:

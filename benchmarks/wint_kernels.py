@@ -26,40 +26,21 @@ import dataclasses
 import gc
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_timing import copy_bandwidth_Bps, gpu_ms  # noqa: E402  (this folder: the script's)
 from pdlab.models.kernels import wint_linear as wl  # noqa: E402
 from pdlab.models.kernels import wint_matmul as wm  # noqa: E402
 from pdlab.models.quant import METHODS, quantize  # noqa: E402
 
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
-
-
-def gpu_us(fn, reps: int = 15) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
-def copy_GBps() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    us = gpu_us(lambda: b.copy_(a))
-    return 2 * a.numel() / (us * 1e-6) / 1e9
 
 
 def graphed_us(call, weights) -> float:
@@ -72,7 +53,7 @@ def graphed_us(call, weights) -> float:
         for w in weights:
             call(w)
     graph.replay()
-    us = gpu_us(graph.replay) / len(weights)
+    us = gpu_ms(graph.replay) * 1e3 / len(weights)
     del graph
     return us
 
@@ -105,7 +86,7 @@ def main() -> None:
 
     ms = [int(v) for v in args.m.split(",")]
     props = torch.cuda.get_device_properties(0)
-    copy = copy_GBps()
+    copy = copy_bandwidth_Bps() / 1e9
     print(f"{props.name}: copy {copy:.0f} GB/s, L2 {props.L2_cache_size >> 20} MiB, {props.multi_processor_count} SMs",
           flush=True)
     rows = []
@@ -141,7 +122,7 @@ def main() -> None:
                             candidates.append(("gemv", g, lambda c, x=x, g=g: wm.wint_gemv(x, c, config=g)))
                     if m >= 1:
                         pick = wm.pick_config(m, n, k, w.method.bits, w.group_size, props.multi_processor_count)
-                        block_m = max(16, min(128, triton_next_pow2(m)))
+                        block_m = max(16, min(128, triton.next_power_of_2(m)))
                         for bn, bk, warps, stages, split in itertools.product(
                                 (64, 128), (64, 128), (4, 8), (3, 4), sorted({1, pick.split_k, 2 * pick.split_k if m < 128 else 1})):
                             t = wm.TileConfig(block_m, bn, bk, split, warps, stages)
@@ -216,10 +197,6 @@ def write_table(rows: list[dict], device_name: str) -> Path:
     path.write_text(json.dumps({"device": device_name, "measured_by": "benchmarks/wint_kernels.py",
                                 "provenance": provenance(), "choices": choices}, indent=1))
     return path
-
-
-def triton_next_pow2(v: int) -> int:
-    return 1 << (v - 1).bit_length()
 
 
 if __name__ == "__main__":

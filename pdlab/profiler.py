@@ -183,16 +183,15 @@ def parse_beside(text: str) -> tuple[str, int]:
 @contextmanager
 def mps_partition(sm_percentage: int | None, beside: tuple[str, int] | None):
     """This process under MPS at `sm_percentage` (set before CUDA starts), with the `beside` load running."""
+    from pdlab.cluster.args import MPS_THREAD_PERCENTAGE_ENV, apply_sm_percentage
     from pdlab.cluster.mps import MpsDaemon
 
     with ExitStack() as stack:
-        daemon = stack.enter_context(MpsDaemon())
-        os.environ.update(daemon.env)
-        if sm_percentage is not None:
-            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_percentage)
+        os.environ.update(stack.enter_context(MpsDaemon()).env)
+        apply_sm_percentage(sm_percentage)
         if beside is not None:
             kind, pct = beside
-            env = {**os.environ, **daemon.env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(pct)}
+            env = {**os.environ, MPS_THREAD_PERCENTAGE_ENV: str(pct)}
             load = subprocess.Popen([sys.executable, "-c", _LOAD_LOOP.format(setup=_LOADS[kind])], env=env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             stack.callback(load.wait, 60)

@@ -76,16 +76,37 @@ def rule(m: int, n: int, k: int, bits: int, group: int, num_sms: int) -> Choice:
 
 def choose(m: int, n: int, k: int, bits: int, group: int, device: torch.device) -> Choice:
     """The kernel for m rows on `device`: its card's table, else the rule."""
-    table = _card_table(torch.cuda.get_device_name(device)) if device.type == "cuda" else {}
-    return choose_from(table, m, n, k, bits, group, _num_sms(device))
+    rows = _card_rows(_device_name(device), bits, n, k) if device.type == "cuda" else None
+    return _pick(rows, m, n, k, bits, group, _num_sms(device))
 
 
 def choose_from(table: Table, m: int, n: int, k: int, bits: int, group: int, num_sms: int) -> Choice:
+    return _pick(_rows_of(table, bits, n, k), m, n, k, bits, group, num_sms)
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+@functools.cache
+def _card_rows(device_name: str, bits: int, n: int, k: int) -> list[tuple[int, Choice]] | None:
+    # Looked up once per linear's shape: the prefill steps that run eagerly call `choose` for every linear.
+    return _rows_of(_card_table(device_name), bits, n, k)
+
+
+def _rows_of(table: Table, bits: int, n: int, k: int) -> list[tuple[int, Choice]] | None:
+    """The table's rows for the shape, else for its shape of the same bits nearest in size; None if it has none."""
     rows = table.get((bits, n, k))
     if rows is None:
         same_bits = [key for key in table if key[0] == bits]
         if same_bits:
             rows = table[min(same_bits, key=lambda key: abs(key[1] * key[2] - n * k))]
+    return rows
+
+
+def _pick(rows: list[tuple[int, Choice]] | None, m: int, n: int, k: int, bits: int, group: int,
+          num_sms: int) -> Choice:
     if not rows:
         return rule(m, n, k, bits, group, num_sms)
     choice = next((c for measured_m, c in rows if measured_m >= m), rows[-1][1])

@@ -264,23 +264,27 @@ def wint_matmul(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None =
     tiles_per_split = triton.cdiv(tiles, c.split_k)
     split = triton.cdiv(tiles, tiles_per_split)  # no empty split
     grid = (triton.cdiv(m, c.block_m), triton.cdiv(n, c.block_n), split)
-    has_bias = bias is not None
     # The bit trick pays where converting dominates (few rows: measured 1.2-1.4x at M <= 16 on an H100) and
     # costs at 64 rows and more, where the per-row bias sums weigh more than the conversions saved.
     magic, offset = _MAGIC.get(x.dtype, (0, 0.0)) if w.method.bits == 4 and c.block_m <= 32 else (0, 0.0)
     common = dict(BITS=w.method.bits, GROUP=group, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                  HAS_BIAS=has_bias, MAGIC=magic, MAGIC_OFFSET=offset, num_warps=c.num_warps, num_stages=c.num_stages)
+                  HAS_BIAS=bias is not None, MAGIC=magic, MAGIC_OFFSET=offset, num_warps=c.num_warps, num_stages=c.num_stages)
+    return _launch(_wint_matmul_kernel, grid, split, x, w, bias, out, tiles_per_split, **common)
+
+
+def _launch(kernel, grid, split: int, x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
+            out: torch.Tensor, *extra, **constexprs) -> torch.Tensor:
+    """Run `kernel` (its arguments: x, weight, scales, bias, out, M, N, K and their strides, then `extra`) into
+    `out`, or with K split in `split` parts into an fp32 workspace [split, M, N] summed by `_sum_parts`."""
+    (m, n), k = out.shape, x.shape[1]
+    args = (m, n, k, x.stride(0), w.qweight.stride(0), w.scales.stride(0))
     if split == 1:
-        _wint_matmul_kernel[grid](
-            x, w.qweight, w.scales, bias if has_bias else w.scales, out,
-            m, n, k, x.stride(0), w.qweight.stride(0), w.scales.stride(0), out.stride(0), 0, tiles_per_split,
-            SPLIT=False, **common)
+        kernel[grid](x, w.qweight, w.scales, bias if bias is not None else w.scales, out, *args, out.stride(0), 0,
+                     *extra, SPLIT=False, **constexprs)
         return out
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)  # [split, M, N] partial sums
-    _wint_matmul_kernel[grid](
-        x, w.qweight, w.scales, w.scales, ws,
-        m, n, k, x.stride(0), w.qweight.stride(0), w.scales.stride(0), ws.stride(1), ws.stride(0), tiles_per_split,
-        SPLIT=True, **common)
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    kernel[grid](x, w.qweight, w.scales, w.scales, ws, *args, ws.stride(1), ws.stride(0), *extra, SPLIT=True,
+                 **constexprs)
     return _sum_parts(ws, bias, out)
 
 
@@ -302,7 +306,7 @@ class GemvConfig:
 
 
 def pick_gemv_config(m: int, n: int, k: int, bits: int, group: int) -> GemvConfig:
-    """The no-loop kernel's chunk for a [m, k] x [k, n] product (benchmarks/wint_decode_linears.py measures)."""
+    """The no-loop kernel's chunk for a [m, k] x [k, n] product (benchmarks/wint_kernels.py measures)."""
     return GemvConfig(block_n=8, block_k=max(group, 1024), num_warps=4)
 
 
@@ -324,16 +328,7 @@ def wint_gemv(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = N
     common = dict(BITS=w.method.bits, GROUP=group, ROWS=rows, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                   HAS_BIAS=bias is not None, num_warps=c.num_warps)
     grid = (triton.cdiv(n, c.block_n), split)
-    if split == 1:
-        _wint_gemv_kernel[grid](x, w.qweight, w.scales, bias if bias is not None else w.scales, out,
-                                m, n, k, x.stride(0), w.qweight.stride(0), w.scales.stride(0), out.stride(0), 0,
-                                SPLIT=False, **common)
-        return out
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    _wint_gemv_kernel[grid](x, w.qweight, w.scales, w.scales, ws,
-                            m, n, k, x.stride(0), w.qweight.stride(0), w.scales.stride(0), ws.stride(1),
-                            ws.stride(0), SPLIT=True, **common)
-    return _sum_parts(ws, bias, out)
+    return _launch(_wint_gemv_kernel, grid, split, x, w, bias, out, **common)
 
 
 def dequantize_weight(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
