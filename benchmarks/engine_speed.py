@@ -10,7 +10,11 @@ Baselines measured here, on the same card, in the same process:
   docs/facts.md does);
 - bf16 matmul peak (8192^3) for prefill MFU;
 - the first variant's decode steps (ratios of every other variant against it);
-- Hugging Face transformers `generate` on the same shape, batch 1 (`--hf`).
+- for a step that carries a prefill chunk beside decodes (`--mixed CHUNK:DECODES,...`), its GPU busy time
+  (kernel time from the profiler): the rest of its wall time is host time the GPU waited for;
+- Hugging Face transformers `generate` on the same shape, batch 1 (`--hf`);
+- a gpt-fast-style compiled decode step of the same shape and batches (`--compiled`,
+  benchmarks/compiled_llama.py).
 
 A variant is `bf16`, `wint8` or `wint4`, optionally `-eager` (no CUDA graphs) or
 `-torch` (the PyTorch attention path instead of the Triton kernels); with
@@ -30,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # compiled_llama
 
 from pdlab.engine.config import EngineConfig  # noqa: E402
 from pdlab.engine.engine import LLMEngine  # noqa: E402
@@ -86,6 +91,58 @@ def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int = 20) -
     return statistics.median(times[2:])
 
 
+def gpu_busy_s(fn) -> float | None:
+    """Seconds the GPU spent in kernels and copies while `fn` ran (overlaps counted once), from the profiler;
+    None where it records nothing."""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # microseconds; the union of the intervals
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / 1e6 if spans else None
+
+
+def mixed_step(engine: LLMEngine, chunk: int, decodes: int, context: int, steps: int = 12) -> dict:
+    """A step with one whole prompt of `chunk` tokens beside `decodes` requests decoding at `context` tokens:
+    its median wall time, and its GPU busy time (median over 3 profiled steps)."""
+    gen = torch.Generator().manual_seed(chunk + decodes)
+    budget = engine.scheduler_config.max_num_batched_tokens
+    for i in range(decodes):
+        prompt = torch.randint(100, 30000, (context,), generator=gen).tolist()
+        engine.add_request(prompt, SamplingParams(max_tokens=2 * steps + 16 + decodes * context // budget,
+                                                  temperature=0, ignore_eos=True), f"m{chunk}-{decodes}-{i}")
+    while any(r.num_output_tokens == 0 for r in engine.scheduler.requests.values()):
+        engine.step()
+
+    def one_step() -> None:
+        prompt = torch.randint(100, 30000, (chunk,), generator=gen).tolist()
+        engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0))
+        engine.step()  # the whole prompt and the decodes
+
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        one_step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    busy = [gpu_busy_s(one_step) for _ in range(3)]
+    if engine.scheduler.num_running != decodes:
+        raise RuntimeError(f"mixed step {chunk}:{decodes}: {engine.scheduler.num_running} requests decoding")
+    for rid in list(engine.scheduler.requests):
+        engine.abort(rid)
+    wall = statistics.median(times[2:])
+    gpu = statistics.median(busy) if None not in busy else None
+    return {"chunk": chunk, "decodes": decodes, "context": context, "step_ms": wall * 1e3,
+            "gpu_busy_ms": gpu and gpu * 1e3, "host_beyond_gpu_ms": gpu and (wall - gpu) * 1e3}
+
+
 def prefill_time(engine: LLMEngine, tokens: int) -> float:
     prompt = torch.randint(100, 30000, (tokens,)).tolist()
     times = []
@@ -135,6 +192,7 @@ def weight_bits(variant: str) -> float:
 
 def run_variant(args, variant: str, copy_Bps: float, peak_flops: float, batches: list[int]) -> dict:
     quant = variant.split("-")[0]
+    start = time.perf_counter()
     engine = LLMEngine(EngineConfig(
         model=args.model, dtype="bfloat16", device="cuda", max_num_seqs=max(batches), max_num_batched_tokens=8192,
         max_model_len=8448, gpu_memory_utilization=0.7, quantization=None if quant == "bf16" else quant,
@@ -146,8 +204,9 @@ def run_variant(args, variant: str, copy_Bps: float, peak_flops: float, batches:
     head_bytes = 0 if c.tie_word_embeddings else embed * 2  # lm_head stays bf16 (the embedding is gathered)
     weight_bytes = (linear_params * weight_bits(variant) / 8 + head_bytes) / tp  # per GPU
     kv_bytes_per_token = c.kv_bytes_per_token(2) / tp
-    result = {"variant": variant, "kv_blocks": engine.block_manager.num_blocks,
-              "cuda_graphs": engine.runner.graphs is not None, "decode": [], "prefill": []}
+    result = {"variant": variant, "start_s": time.perf_counter() - start, "kv_blocks": engine.block_manager.num_blocks,
+              "cuda_graphs": engine.runner.graphs is not None, "piecewise_graphs": engine.runner.mixed_graphs is not None,
+              "decode": [], "mixed": [], "prefill": []}
     for batch in batches:
         step_s = decode_steps(engine, batch, args.context)
         floor_s = (weight_bytes + batch * args.context * kv_bytes_per_token) / copy_Bps
@@ -155,6 +214,11 @@ def run_variant(args, variant: str, copy_Bps: float, peak_flops: float, batches:
                "x_floor": step_s / floor_s, "tokens_per_s": batch / step_s, "floor_tokens_per_s": batch / floor_s,
                "share_of_floor_throughput": floor_s / step_s}
         result["decode"].append(row)
+        print(variant, json.dumps(row), flush=True)
+    for spec in [m for m in args.mixed.split(",") if m]:
+        chunk, decodes = (int(v) for v in spec.split(":"))
+        row = mixed_step(engine, chunk, decodes, args.context)
+        result["mixed"].append(row)
         print(variant, json.dumps(row), flush=True)
     for tokens in [int(t) for t in args.prefill.split(",") if t]:
         t = prefill_time(engine, tokens)
@@ -175,9 +239,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--batches", default="1,8,32,64,128")
     parser.add_argument("--prefill", default="512,2048,8192")
+    parser.add_argument("--mixed", default="16:1,128:8,512:32,960:64",
+                        help="steps of one prompt of CHUNK tokens beside DECODES decoding requests")
     parser.add_argument("--variants", default="bf16", help="comma-separated; the first is the baseline")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--hf", action="store_true", help="also time transformers generate at batch 1")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time a gpt-fast-style compiled decode step (benchmarks/compiled_llama.py)")
     parser.add_argument("--out", type=Path, default=Path("data/bench/engine_speed.json"))
     args = parser.parse_args()
     from pdlab.provenance import provenance
@@ -194,6 +262,20 @@ def main() -> None:
         for row in report["variants"][-1]["decode"] if len(report["variants"]) > 1 else []:
             row["speedup_vs_" + report["variants"][0]["variant"]] = base[row["batch"]] / row["step_ms"]
         args.out.write_text(json.dumps(report, indent=2))
+    if args.compiled:
+        from compiled_llama import compiled_decode_ms
+
+        from pdlab.models.source import resolve_model
+
+        config = resolve_model(args.model).config
+        first = {row["batch"]: row["step_ms"] for row in report["variants"][0]["decode"]}
+        report["compiled"] = []
+        for batch in batches:
+            row = compiled_decode_ms(config, batch, args.context)
+            row["pdlab_vs_compiled"] = first[batch] / row["step_ms"]  # < 1: pdlab's step is faster
+            report["compiled"].append(row)
+            print("compiled", json.dumps(row), flush=True)
+            args.out.write_text(json.dumps(report, indent=2))
     if args.hf:
         report["hf_generate_bs1"] = hf_generate_bs1(args.model, 512, 32)
         print(json.dumps(report["hf_generate_bs1"]), flush=True)

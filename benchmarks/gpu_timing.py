@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import statistics
 
 import torch
@@ -30,9 +32,8 @@ def median_ms(fn) -> float:
 
 def copy_bandwidth_Bps() -> float:
     """Bytes per second of a 1 GiB device-to-device copy, read + write counted (docs/facts.md's convention)."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = median_ms(lambda: b.copy_(a))
-    del a, b
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    ms = median_ms(functools.partial(torch.empty_like(src).copy_, src))
+    del src
     torch.cuda.empty_cache()
     return 2 * (1 << 30) / (ms * 1e-3)

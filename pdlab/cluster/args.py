@@ -82,7 +82,8 @@ def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--attention-backend", default=d.attention_backend, choices=("auto", "torch", "triton"),
                    help="auto: the Triton kernels on CUDA, PyTorch elsewhere")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="run every step eagerly (on CUDA, decode steps otherwise replay CUDA graphs)")
+                   help="run every step eagerly (on CUDA, steps otherwise replay CUDA graphs: decode steps whole, "
+                        "steps with prefill chunks of up to 1024 tokens piecewise around attention)")
     p.add_argument("--max-waiting-requests", type=_positive_int, default=DEFAULT_MAX_WAITING_REQUESTS,
                    help="mixed and decode: refuse a request with a 'queue full' error while this many are "
                         "waiting to start (not yet running, or waiting for KV blocks)")

@@ -33,6 +33,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere; or "torch", "triton"
     # GPUs (processes) one instance shards its weights and KV heads over; rank r uses cuda:r.
     tensor_parallel_size: int = 1
-    # Run every step eagerly. Otherwise, on CUDA, decode steps replay CUDA graphs captured at
-    # start-up for a set of batch sizes (pdlab/engine/cuda_graphs.py).
+    # Run every step eagerly. Otherwise, on CUDA, steps replay CUDA graphs captured at start-up
+    # (pdlab/engine/cuda_graphs.py): decode steps whole, for a set of batch sizes; steps with
+    # prefill chunks of up to 1024 tokens piece by piece around attention.
     enforce_eager: bool = False

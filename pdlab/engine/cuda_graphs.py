@@ -1,23 +1,38 @@
-"""Decode steps replayed from CUDA graphs: one per batch size in a set, a step padded to the next size up.
+"""Steps replayed from CUDA graphs: whole decode steps, and the steps with prefill chunks piece by piece.
 
-A decode step of a small batch is a few hundred kernel launches whose host
-cost exceeds their GPU time (docs/facts.md: HF `generate` is 12x the HBM floor,
-mostly launch overhead). Each graph captures the model's forward pass for B
-decode queries reading its inputs from static buffers:
+A step of a small batch is a few hundred kernel launches whose host cost
+exceeds their GPU time (docs/facts.md: HF `generate` is 12x the HBM floor,
+mostly launch overhead). Two kinds of graphs remove it:
+
+`DecodeGraphs`: one graph per batch size in a set, capturing the model's whole
+forward pass for B decode queries reading its inputs from static buffers:
 
     input_ids, positions, slot_mapping : [B]            (int64)
     seq_lens                           : [B]            (int32)
     block_table                        : [B, max_blocks] (int32; max_blocks = max_model_len / block_size)
 
-and leaves the final hidden states [B, hidden] in a static output; the LM
+and leaving the final hidden states [B, hidden] in a static output; the LM
 head runs outside the graph on the rows that sample. A step of n <= B decodes
 fills the first n rows and pads the rest: seq_len 0 (the attention kernels
 write zeros for them) and the slot of the KV cache's scratch block, so that
 their K and V writes land in a block no request owns.
 
+`MixedGraphs` (piecewise): steps with prefill chunks, alone or beside decodes,
+or making KV transfers. Attention is the only part of a layer whose work
+depends on how the step's tokens split into sequences; everything else is
+row by row over the T tokens. So for each token count T in a set, the
+forward pass is captured as L + 1 graphs around the L attention calls: the
+embedding and layer 0 up to attention, then each layer's rest with the next
+layer up to its attention, then the last layer's rest and the final norm.
+Between two graphs the step's attention runs eagerly (two kernel launches,
+plus the layer's KV transfer calls) on static buffers (queries in, output
+out). A step of n <= T tokens pads the rest like a decode graph does (token
+0, position 0, the scratch slot); the padding rows belong to no sequence, so
+attention never reads or writes them and, every other operation being row
+by row, they never touch the real rows.
+
 Graphs are captured once, largest first, in one memory pool, after the KV
-cache is allocated. Only steps that are all decodes, make no KV transfer and
-fit the largest size replay; everything else runs eagerly. With tensor
+cache is allocated. A step that neither kind fits runs eagerly. With tensor
 parallelism every rank captures and replays the same graphs in lockstep (the
 decision depends only on the step's inputs, which every rank has), NCCL
 all-reduces included. If capture fails on any rank, every rank runs eagerly
@@ -27,6 +42,7 @@ and the reason is logged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,12 +56,38 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdlab.engine")
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+# Token counts of the piecewise graphs. Beyond ~1k tokens a step's GPU time (~25 ms for an 8B model on an
+# H100) exceeds an eager step's launches (~20 ms), so the graphs would buy little for their memory.
+DEFAULT_TOKEN_SIZES = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 NUM_WARMUP = 2
 
 
 def batch_sizes(max_num_seqs: int, sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> list[int]:
     """The captured sizes: the defaults up to max_num_seqs, and max_num_seqs itself."""
     return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
+
+
+def token_sizes(max_num_batched_tokens: int, sizes: tuple[int, ...] = DEFAULT_TOKEN_SIZES) -> list[int]:
+    """The piecewise graphs' token counts: the defaults up to the step's token budget (and the budget itself
+    when it is below the largest default)."""
+    kept = {s for s in sizes if s < max_num_batched_tokens}
+    if max_num_batched_tokens <= sizes[-1]:
+        kept.add(max_num_batched_tokens)
+    return sorted(kept)
+
+
+def _capture(fn: Callable[[], object], pool, device: torch.device) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`fn` warmed up on a side stream, then captured into a graph sharing `pool`: (graph, its output)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(NUM_WARMUP):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = fn()
+    return graph, output
 
 
 class DecodeGraphs:
@@ -82,27 +124,20 @@ class DecodeGraphs:
         )
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every size (all ranks at once with tensor parallelism). Raises on failure."""
+    def capture(self, pool=None):
+        """Capture every size (all ranks at once with tensor parallelism) into `pool` (a new one if None);
+        returns the pool. Raises on failure."""
         B = self.max_batch
         ids, pos, slots = self.ints64.split([B, B, B])
         slots.fill_(self.scratch_slot)  # capture-time writes land in the scratch block too
-        pool = None
         model = self.runner.model
         for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its pool
             ctx = self._context(size)
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(NUM_WARMUP):
-                    model(ids[:size], pos[:size], ctx)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = model(ids[:size], pos[:size], ctx)
+            graph, self.outputs[size] = _capture(lambda: model(ids[:size], pos[:size], ctx), pool, self.device)
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize(self.device)
+        return pool
 
     # --- replay --------------------------------------------------------------------------------------
 
@@ -139,3 +174,103 @@ class DecodeGraphs:
         self.graphs[size].replay()
         self.num_replays += 1
         return self.outputs[size][:n]
+
+
+class MixedGraphs:
+    """Piecewise graphs of every step up to the largest token count (see the module docstring)."""
+
+    def __init__(self, runner: ModelRunner, max_num_batched_tokens: int) -> None:
+        model = runner.model
+        c = model.local_config
+        self.runner = runner
+        self.device = runner.device
+        self.sizes = token_sizes(max_num_batched_tokens)
+        self.max_tokens = T = self.sizes[-1]
+        self.scratch_slot = runner.kv_cache.scratch_slot
+        if self.scratch_slot is None:
+            raise ValueError("CUDA graphs need a KV cache with a scratch block for the padding rows")
+        e = dict(dtype=model.dtype, device=self.device)
+        self.ints64 = torch.zeros(3 * T, dtype=torch.int64, device=self.device)  # ids, positions, slots
+        self.x = torch.zeros(T, c.hidden_size, **e)  # the residual stream between two graphs
+        self.q = torch.zeros(T, c.num_heads, c.head_dim, **e)  # attention's queries ...
+        self.attn = torch.zeros(T, c.num_heads, c.head_dim, **e)  # ... and its output (padding rows stay 0)
+        self.cos = torch.zeros(T, c.head_dim // 2, dtype=torch.float32, device=self.device)
+        self.sin = torch.zeros_like(self.cos)
+        self.hidden = torch.zeros(T, c.hidden_size, **e)  # the final norm's output
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.num_replays = 0
+
+    def pieces(self, size: int) -> list[Callable[[], None]]:
+        """The L + 1 pieces of a forward pass over `size` tokens, each reading and writing the static
+        buffers only; attention of layer l runs between pieces l and l + 1."""
+        model = self.runner.model
+        layers = model.layers
+        T = self.max_tokens
+        ids, pos, slots = (t[:size] for t in self.ints64.split([T, T, T]))
+        x, q, attn, cos, sin = self.x[:size], self.q[:size], self.attn[:size], self.cos[:size], self.sin[:size]
+        empty = torch.zeros(0, dtype=torch.int32, device=self.device)
+        # What the layers read of a context up to and after attention: the backend, the cache, the slots.
+        ctx = AttentionContext(
+            kv_cache=self.runner.kv_cache, slot_mapping=slots, seqs=[], decode_rows=empty,
+            decode_block_table=empty.view(0, 0), decode_seq_lens=empty, prefill_seqs=[], prefill_q_start=empty,
+            prefill_q_len=empty, prefill_seq_len=empty, prefill_block_table=empty.view(0, 0), prefill_max_q_len=0,
+            backend=self.runner.attention_backend,
+        )
+
+        def first() -> None:
+            c, s = model.rope(pos)
+            cos.copy_(c)
+            sin.copy_(s)
+            x.copy_(model.embed(ids))
+            q.copy_(layers[0].pre(x, cos, sin, ctx))
+
+        def between(i: int) -> Callable[[], None]:
+            def piece() -> None:  # the rest of layer i - 1, then layer i up to attention
+                x.copy_(layers[i - 1].post(x, attn, ctx))
+                q.copy_(layers[i].pre(x, cos, sin, ctx))
+            return piece
+
+        def last() -> None:
+            self.hidden[:size].copy_(model.final_norm(layers[-1].post(x, attn, ctx), ctx))
+
+        return [first, *(between(i) for i in range(1, len(layers))), last]
+
+    @torch.inference_mode()
+    def capture(self, pool=None):
+        """Capture every token count, largest first, into `pool` (a new one if None); returns the pool."""
+        T = self.max_tokens
+        self.ints64.split([T, T, T])[2].fill_(self.scratch_slot)
+        for size in reversed(self.sizes):
+            graphs = []
+            for piece in self.pieces(size):
+                graph, _ = _capture(piece, pool, self.device)
+                pool = graph.pool()
+                graphs.append(graph)
+            self.graphs[size] = graphs
+        torch.cuda.synchronize(self.device)
+        return pool
+
+    def can_run(self, inputs: StepInputs) -> bool:
+        return 0 < len(inputs.input_ids) <= self.max_tokens
+
+    def run(self, inputs: StepInputs, on_kv_written: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The hidden states [n, hidden] of a step of n tokens (`can_run` first). `on_kv_written(layer)`
+        runs as each layer's new K and V are in the cache (a prefill instance's transfer)."""
+        n = len(inputs.input_ids)
+        size = next(s for s in self.sizes if s >= n)
+        pad = size - n
+        T = self.max_tokens
+        host = torch.tensor([*inputs.input_ids, *[0] * pad, *inputs.positions, *[0] * pad,
+                             *inputs.slots, *[self.scratch_slot] * pad], dtype=torch.int64)
+        ids, pos, slots = self.ints64.split([T, T, T])
+        for dst, src in zip((ids, pos, slots), copy_to_device(host, self.device).split([size, size, size])):
+            dst[:size].copy_(src)
+        ctx = AttentionContext.build(self.runner.kv_cache, inputs.seqs, slots[:size], self.runner.attention_backend)
+        ctx.on_kv_written = on_kv_written
+        graphs = self.graphs[size]
+        graphs[0].replay()
+        for layer, graph in enumerate(graphs[1:]):
+            ctx.attend(layer, self.q[:size], out=self.attn[:size])
+            graph.replay()
+        self.num_replays += 1
+        return self.hidden[:n]

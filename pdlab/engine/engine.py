@@ -66,7 +66,8 @@ def build_executor(config: EngineConfig, source, device: torch.device, dtype: to
                        scratch_block=graphs)
     runner = ModelRunner(model, kv_cache, config.attention_backend, tp)
     if graphs:
-        runner.capture_graphs(config.max_num_seqs, max_model_len)
+        budget = scheduler_config(config, max_model_len).max_num_batched_tokens
+        runner.capture_graphs(config.max_num_seqs, max_model_len, budget)
     return model, kv_cache, runner, max_model_len
 
 

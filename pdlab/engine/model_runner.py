@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdlab.models.attention import AttentionContext, SeqSlice, copy_to_device, resolve_attention_backend
-from pdlab.engine.cuda_graphs import DecodeGraphs
+from pdlab.engine.cuda_graphs import DecodeGraphs, MixedGraphs
 from pdlab.models.kv_cache import KVCache
 from pdlab.engine.kv_io import KVTransfers, Push
 from pdlab.models.parallel import STEP
@@ -94,21 +94,32 @@ class ModelRunner:
         self.tp = tp
         self.transfers = KVTransfers(kv_cache, tp)
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
 
-    def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
-        """Capture the decode CUDA graphs (every rank at once); on failure anywhere, run eagerly."""
-        graphs = DecodeGraphs(self, max_num_seqs, max_model_len)
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int) -> None:
+        """Capture the decode CUDA graphs, then the piecewise ones of steps with prefill chunks, in one
+        memory pool (every rank at once); a kind whose capture fails anywhere runs eagerly."""
+        decode = DecodeGraphs(self, max_num_seqs, max_model_len)
+        pool = self._try_capture(decode, None, "decode")
+        self.graphs = decode if pool is not None else None
+        mixed = MixedGraphs(self, max_num_batched_tokens)
+        self.mixed_graphs = mixed if self._try_capture(mixed, pool, "piecewise") is not None else None
+
+    def _try_capture(self, graphs: DecodeGraphs | MixedGraphs, pool, kind: str):
+        """The pool after capturing `graphs` on every rank, or None (logged) where any rank failed."""
         try:
-            graphs.capture()
+            pool = graphs.capture(pool)
             ok = 1
         except Exception as e:  # noqa: BLE001 - whatever breaks capture, eager still serves
-            log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly", type(e).__name__, e)
+            log.warning("%s CUDA graph capture failed (%s: %s); those steps run eagerly", kind, type(e).__name__, e)
             ok = 0
         if self.tp is not None:
             ok = self.tp.agree_min(ok)
-        self.graphs = graphs if ok else None
-        if ok:
-            log.info("captured decode CUDA graphs for batch sizes %s", graphs.sizes)
+        if not ok:
+            return None
+        log.info("captured %s CUDA graphs for %s %s", kind, "batch sizes" if kind == "decode" else "token counts",
+                 graphs.sizes)
+        return pool
 
     def plan(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch on the host: token ids, positions, cache slots, sequences, rows to sample."""
@@ -145,12 +156,14 @@ class ModelRunner:
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """Run the model on one step (every rank), making the step's KV pushes as each layer is
         written; the logits of `inputs.sample_rows` [N, vocab], if any."""
+        on_kv_written = (lambda layer: self.transfers.push_layer(layer, inputs.pushes)) if inputs.pushes else None
         if self.graphs is not None and self.graphs.can_run(inputs):
             hidden = self.graphs.run(inputs)  # [T, hidden]
+        elif self.mixed_graphs is not None and self.mixed_graphs.can_run(inputs):
+            hidden = self.mixed_graphs.run(inputs, on_kv_written)
         else:
             ids, pos, ctx = self.load(inputs)
-            if inputs.pushes:
-                ctx.on_kv_written = lambda layer: self.transfers.push_layer(layer, inputs.pushes)
+            ctx.on_kv_written = on_kv_written
             hidden = self.model(ids, pos, ctx)  # [T, hidden]
         rows = inputs.sample_rows
         if not rows:

@@ -1,8 +1,9 @@
 """Attention over the paged KV cache, and the per-forward context that carries its metadata.
 
-The model calls `ctx.attention(layer_idx, q, k, v)`: the context stores this
-step's k and v into the cache at `slot_mapping`, then attends each request's
-queries over all of its cached positions. Two backends implement that
+The model stores this step's k and v into the cache at `slot_mapping`
+(`ctx.store_kv`, or a fused kernel), then calls `ctx.attend(layer_idx, q)`,
+which attends each request's queries over all of its cached positions
+(`ctx.attention` does both). Two backends implement that
 contract:
 - "torch": portable PyTorch (the reference, and the CPU path): decodes in one
   batched SDPA call over a padded gather, prefill chunks one by one;
@@ -125,18 +126,23 @@ class AttentionContext:
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, H_kv, D] for the step's new tokens. Returns [T, H, D]."""
+        self.store_kv(layer_idx, k, v)
+        return self.attend(layer_idx, q)
+
+    def store_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the step's new k, v [T, H_kv, D] at their slots of the layer's cache."""
         k_cache, v_cache = self.kv_cache.layer(layer_idx)  # [N, bs, H_kv, D]
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slot_mapping, v)
-        return self.attend(layer_idx, q)
 
-    def attend(self, layer_idx: int, q: torch.Tensor) -> torch.Tensor:
-        """Attention of q [T, H, D] over the cache, the step's new K and V already stored. Returns [T, H, D]."""
+    def attend(self, layer_idx: int, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of q [T, H, D] over the cache, the step's new K and V already stored: the rows of the
+        step's sequences of `out` (a new tensor if None), returned [T, H, D]."""
         if self.on_kv_written is not None:
             self.on_kv_written(layer_idx)
         k_cache, v_cache = self.kv_cache.layer(layer_idx)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         if self.backend == "triton":
             return self._attention_triton(q, k_cache, v_cache, out)
         if self.decode_rows.numel():

@@ -36,7 +36,7 @@ class KVCache:
         self.scratch_slot = num_blocks * block_size if scratch_block else None
         shape = (config.num_layers, 2, num_blocks + scratch_block, block_size, config.num_kv_heads, config.head_dim)
         if shm_path is None:
-            self.kv = torch.zeros(shape, dtype=dtype, device=device)  # [L, 2, num_blocks, block_size, H_kv, D]
+            self.kv = torch.zeros(shape, dtype=dtype, device=device)  # [L, 2, num_blocks (+ scratch), block_size, H_kv, D]
         else:
             if torch.device(device).type != "cpu":
                 raise ValueError("a shared-memory KV cache is for CPU instances; GPUs share theirs through CUDA IPC")

@@ -117,6 +117,12 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(c.hidden_size, c.intermediate_size, **e))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return self.post(x, ctx.attend(self.layer_idx, self.pre(x, cos, sin, ctx)), ctx)
+
+    def pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """The layer up to attention: stores this step's K and V in the cache; returns the rotated queries
+        [T, num_heads, head_dim]. Only `ctx.backend`, `ctx.kv_cache` and `ctx.slot_mapping` are read, so it
+        can be captured in a CUDA graph (pdlab/engine/cuda_graphs.py)."""
         c = self.config
         T = x.shape[0]
         fused = fused_kernels(ctx)
@@ -132,12 +138,18 @@ class DecoderLayer(nn.Module):
             k = rms_norm(k, self.k_norm, eps)
         if fused:  # rotate q and k and store k and v in one launch
             k_cache, v_cache = ctx.kv_cache.layer(self.layer_idx)
-            q = fused.rope_and_store_kv(q, k, v, cos, sin, k_cache, v_cache, ctx.slot_mapping)
-            attn = ctx.attend(self.layer_idx, q)  # [T, num_heads, head_dim]
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            attn = ctx.attention(self.layer_idx, q, k, v)
-        delta = self.reduce(linear(attn.reshape(T, c.q_size), self.o_proj))
+            return fused.rope_and_store_kv(q, k, v, cos, sin, k_cache, v_cache, ctx.slot_mapping)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        ctx.store_kv(self.layer_idx, k, v)
+        return q
+
+    def post(self, x: torch.Tensor, attn: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """The layer from attention's output [T, num_heads, head_dim] on: the residual stream x after it
+        (reads only `ctx.backend`)."""
+        c = self.config
+        fused = fused_kernels(ctx)
+        eps = c.rms_norm_eps
+        delta = self.reduce(linear(attn.reshape(x.shape[0], c.q_size), self.o_proj))
         if fused:
             h, x = fused.rms_norm(delta, self.post_attention_layernorm, eps, residual=x)
             act = fused.silu_and_mul(linear(h, self.gate_up_proj))
@@ -222,11 +234,18 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """input_ids, positions: [T] (all scheduled tokens, flattened). Returns hidden states [T, hidden]."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, head_dim / 2]
-        cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = self.rope(positions)
         x = self.embed(input_ids)  # [T, hidden]
         for layer in self.layers:
             x = layer(x, cos, sin, ctx)
+        return self.final_norm(x, ctx)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, head_dim / 2] (fp32) of each position's rotation."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        return freqs.cos(), freqs.sin()
+
+    def final_norm(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         fused = fused_kernels(ctx)
         eps = self.config.rms_norm_eps
         return fused.rms_norm(x, self.norm, eps) if fused else rms_norm(x, self.norm, eps)
