@@ -107,8 +107,9 @@ class RunSection(Section):
     prefill_profile: Path | None = None
     decode_profile: Path | None = None
     # sim: milliseconds a served instance adds to every engine step (its loop, scheduling, outputs), measured
-    # against real runs (docs/one_gpu.md); 0: the engine's step alone.
-    step_overhead_ms: NonNegativeFloat = 0.0
+    # against real runs (docs/one_gpu.md): one figure, or {sequences in the step: ms} interpolated in
+    # between (`python -m pdlab.fidelity --measure-overhead`); 0: the engine's step alone.
+    step_overhead_ms: NonNegativeFloat | dict[PositiveInt, NonNegativeFloat] = 0.0
     link: Literal["nvlink", "pcie", "rdma", "ideal"] = "nvlink"  # sim, disaggregated: the KV link
     link_bandwidth_gbps: PositiveFloat | None = None  # sim: the link's bandwidth in GB/s instead of its preset's
     # sim: who picks the instances (pdlab/sim/cluster.py): innode, the decode entry point picks a prefill;

@@ -102,6 +102,7 @@ def build_problem(args: argparse.Namespace):
     from pdlab.policy import sizing
     from pdlab.sim import GPUS, LINKS
     from pdlab.sim.models import sim_model
+    from pdlab.sim.cost import overhead_seconds, parse_overhead_ms
     from pdlab.sim.search import PlacementProblem
 
     if args.num_gpus < 1:
@@ -126,13 +127,17 @@ def build_problem(args: argparse.Namespace):
             profile = ProfileCost.from_csv(args.profile)
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"--profile {args.profile}: {e}") from None
-    if args.step_overhead_ms < 0 or args.mps_capacity < 1:
-        raise ConfigError("--step-overhead-ms must be >= 0 and --mps-capacity >= 1")
+    try:
+        overhead_s = overhead_seconds(parse_overhead_ms(args.step_overhead_ms))
+    except ValueError as e:
+        raise ConfigError(f"--step-overhead-ms: {e}") from None
+    if args.mps_capacity < 1:
+        raise ConfigError("--mps-capacity must be >= 1")
     return PlacementProblem(model.config, requests, args.ttft_ms / 1e3, args.tpot_ms / 1e3, args.attainment,
                             gpu=GPUS[args.gpu], scheduler=scheduler, block_size=args.block_size,
                             link=LINKS[args.link], moe=model.moe,
                             weight_bits=sizing.WEIGHT_BITS[QUANTIZATIONS[args.quantization]],
-                            routing=args.routing, profile=profile, step_overhead_s=args.step_overhead_ms / 1e3,
+                            routing=args.routing, profile=profile, step_overhead_s=overhead_s,
                             mps_capacity=args.mps_capacity)
 
 
@@ -207,7 +212,8 @@ def make_parser() -> argparse.ArgumentParser:
         help="also try a prefill and a decode instance on ONE GPU: time (time-sliced) or mps:P/D (SM percent of "
              "prefill and decode), e.g. time,mps:100/100,mps:70/100,mps:60/40")
     add("--profile", type=Path, help="step times of TP-1 instances from this table (python -m pdlab.profiler)")
-    add("--step-overhead-ms", type=float, default=0.0, help="what a served instance adds to every step")
+    add("--step-overhead-ms", default="0", help="what a served instance adds to every step: ms (3.6), or batch:ms "
+        "pairs (1:0,16:3.2) as `python -m pdlab.fidelity --measure-overhead` prints them")
     add("--mps-capacity", type=float, default=1.0, help="GPUs' worth of work concurrent steps under MPS do together")
     add("--link", default="nvlink", choices=["nvlink", "pcie", "rdma", "ideal"], help="the KV link of PD layouts")
     add("--routing", default="innode", choices=["innode", "splitwise"], help="who picks the instances")

@@ -79,7 +79,7 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
     from pdlab.policy.devices import gpus_of
     from pdlab.policy import sizing
     from pdlab.sim import GPUS, LINKS, InstanceSpec, Layout, simulate
-    from pdlab.sim.cost import ServedCost
+    from pdlab.sim.cost import ServedCost, overhead_seconds
     from pdlab.sim.models import SIM_MODELS, sim_model
     from pdlab.sim.profile_cost import ProfileCost
 
@@ -118,7 +118,7 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
             except (OSError, ValueError, KeyError) as err:
                 raise PdlabError(f"run {run.name}: {field} {path}: {err}") from None
         if run.step_overhead_ms:
-            cost = ServedCost(cost, run.step_overhead_ms / 1e3)
+            cost = ServedCost(cost, overhead_seconds(run.step_overhead_ms))
         return InstanceSpec(scheduler, num_blocks, e.block_size, cost)
 
     link = LINKS[run.link]

@@ -66,25 +66,63 @@ class FixedCost:
         return self.step_s
 
 
+def parse_overhead_ms(text: str) -> float | dict[int, float]:
+    """A served overhead on a command line: one figure of ms ("3.6"), or a table of batch:ms ("1:0,16:3.2").
+    ValueError naming the text otherwise."""
+    try:
+        if ":" not in text:
+            return float(text)
+        return {int(n): float(ms) for n, ms in (part.split(":") for part in text.split(",") if part)}
+    except ValueError:
+        raise ValueError(f"a served overhead is ms (3.6) or batch:ms pairs (1:0,16:3.2), not {text!r}") from None
+
+
+def format_overhead_ms(ms: float | dict[int, float]) -> str:
+    """The inverse of parse_overhead_ms."""
+    return f"{ms:g}" if isinstance(ms, (int, float)) else ",".join(f"{n}:{v:.2f}" for n, v in sorted(ms.items()))
+
+
+def overhead_seconds(ms: float | dict[int, float]) -> float | tuple[tuple[int, float], ...]:
+    """`ServedCost.overhead_s` from milliseconds: one figure, or {batch: ms}. ValueError for a negative
+    figure or a batch below 1."""
+    if isinstance(ms, (int, float)):
+        if ms < 0:
+            raise ValueError(f"a served overhead must be >= 0 ms, got {ms}")
+        return ms / 1e3
+    if not ms or any(n < 1 or v < 0 for n, v in ms.items()):
+        raise ValueError(f"a served overhead table needs batches >= 1 and ms >= 0, got {ms}")
+    return tuple((n, v / 1e3) for n, v in sorted(ms.items()))
+
+
 @dataclass(frozen=True)
 class ServedCost:
     """`engine`'s step plus what a served instance adds to every step beyond the engine's own (its loop,
-    scheduling, output messages): measured as the gap between a real run's token intervals and the profile's
-    decode steps at the same batch and context (notebooks/04)."""
+    scheduling, output messages), spent on the host. `overhead_s` is one figure for every step, or a table of
+    (sequences in the step, seconds) interpolated linearly in between and held beyond its ends: what
+    `pdlab.metrics.served.served_overhead_ms` measures from a real run's token intervals against the profile."""
 
     engine: CostModel
-    overhead_s: float
+    overhead_s: float | tuple[tuple[int, float], ...]
 
     def __post_init__(self) -> None:
-        if self.overhead_s < 0:
-            raise ValueError(f"overhead_s must be >= 0, got {self.overhead_s}")
+        table = ((1, self.overhead_s),) if isinstance(self.overhead_s, (int, float)) else tuple(self.overhead_s)
+        if not table or any(n < 1 or not s >= 0 for n, s in table) or len({n for n, _ in table}) < len(table):
+            raise ValueError(f"overhead_s must be >= 0 seconds, for distinct step sizes >= 1; got {self.overhead_s}")
+        object.__setattr__(self, "_table", tuple(sorted(table)))
 
     def step_time_s(self, batch: ScheduledBatch) -> float:
-        return self.engine.step_time_s(batch) + self.overhead_s
+        return self.engine.step_time_s(batch) + self.host_time_s(batch)
 
     def host_time_s(self, batch: ScheduledBatch) -> float:
         """The part of `step_time_s` spent on the host, when the GPU is free for other instances."""
-        return self.overhead_s
+        table = self._table
+        n = len(batch.items)
+        if n <= table[0][0]:
+            return table[0][1]
+        for (n0, s0), (n1, s1) in zip(table, table[1:]):
+            if n <= n1:
+                return s0 + (s1 - s0) * (n - n0) / (n1 - n0)
+        return table[-1][1]
 
     def __getattr__(self, name: str):  # what else the engine's model offers (its memory sizes)
         if name == "engine":

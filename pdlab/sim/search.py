@@ -161,7 +161,7 @@ class PlacementProblem:
     # Step times of TP-1 instances from a measured table instead of the roofline (memory still from the roofline),
     # plus a served instance's per-step overhead; how concurrent steps share a GPU under MPS (pdlab/sim/gpus.py).
     profile: CostModel | None = None
-    step_overhead_s: float = 0.0
+    step_overhead_s: float | tuple[tuple[int, float], ...] = 0.0  # pdlab.sim.cost.ServedCost.overhead_s
     mps_capacity: float = 1.0
     pair_memory_share: tuple[float, float] = (0.35, 0.55)  # a one-GPU pair's shares of the card (prefill, decode)
 

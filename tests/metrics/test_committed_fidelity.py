@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from pdlab.fidelity import REPLAY_SETTINGS, write_fidelity
+from pdlab.sim.cost import parse_overhead_ms
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = sorted(p.parent for p in (ROOT / "data" / "results").glob("*/fidelity.csv"))
@@ -23,7 +24,8 @@ def test_there_are_committed_fidelity_tables():
 def test_a_committed_fidelity_table_is_reproduced_from_its_records(result, tmp_path, monkeypatch):
     committed = pd.read_csv(result / "fidelity.csv", keep_default_na=False)
     settings = {name: committed[name].iloc[0] for name in REPLAY_SETTINGS}
-    settings = {name: (float(v) if name != "profile" else v) for name, v in settings.items() if v != ""}
+    parse = {"profile": str, "step_overhead_ms": lambda v: parse_overhead_ms(str(v)), "mps_capacity": float}
+    settings = {name: parse[name](v) for name, v in settings.items() if v != ""}
     copy = tmp_path / result.name
     shutil.copytree(result, copy, ignore=shutil.ignore_patterns("*.png", "logs", "fidelity.csv"))
     monkeypatch.chdir(ROOT)  # the table names its profile relative to the repository
