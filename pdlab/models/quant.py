@@ -39,6 +39,7 @@ weights alike.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -158,7 +159,10 @@ def quantize(weight: torch.Tensor, method: QuantMethod, layer: str = "weight") -
     """Quantize a [N, K] weight; QuantizationError naming `layer` for a bad shape or non-finite values.
 
     Works on the weight's device, a slab of rows at a time: the temporaries stay
-    near 64 MiB of fp32 besides the result.
+    near 64 MiB of fp32 besides the result. On CUDA they come from a private memory
+    pool, freed with it, so that none of them shares a caching-allocator segment
+    with a result (a segment with one live block stays reserved, and the KV cache,
+    sized after loading, would lack it).
     """
     if weight.dim() != 2 or not weight.is_floating_point():
         raise QuantizationError(
@@ -168,6 +172,26 @@ def quantize(weight: torch.Tensor, method: QuantMethod, layer: str = "weight") -
     qdtype = torch.int8 if method.bits == 8 else torch.uint8
     qweight = torch.empty(n, k // method.values_per_byte, dtype=qdtype, device=weight.device)
     scales = torch.empty(n, k // g, dtype=torch.float32, device=weight.device)
+    with _scratch_memory(weight.device):
+        _quantize_rows(weight, method, g, qweight, scales, layer)
+    return QuantizedWeight(method, qweight, scales, (n, k), weight.dtype)
+
+
+@contextmanager
+def _scratch_memory(device: torch.device):
+    """Allocations inside go to a memory pool of their own on CUDA (released when it goes), elsewhere as usual."""
+    if device.type != "cuda":
+        yield
+        return
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool, device):
+        yield
+    del pool
+
+
+def _quantize_rows(weight: torch.Tensor, method: QuantMethod, g: int, qweight: torch.Tensor, scales: torch.Tensor,
+                   layer: str) -> None:
+    n, k = weight.shape
     rows = max(1, _CHUNK_ELEMENTS // k)
     for r0 in range(0, n, rows):
         w = weight[r0: r0 + rows].float().view(-1, k // g, g)  # [rows, groups, G]
@@ -183,7 +207,6 @@ def quantize(weight: torch.Tensor, method: QuantMethod, layer: str = "weight") -
             u = (q + 8).to(torch.uint8).view(-1, k // g, 2, g // 2)  # [rows, groups, halves, G / 2]
             qweight[r0: r0 + rows] = (u[:, :, 0] | (u[:, :, 1] << 4)).view(-1, k // 2)
         scales[r0: r0 + rows] = scale
-    return QuantizedWeight(method, qweight, scales, (n, k), weight.dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
