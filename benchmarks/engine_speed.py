@@ -96,10 +96,15 @@ def gpu_busy_s(fn) -> float | None:
     None where it records nothing."""
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA)
+    except Exception as e:  # noqa: BLE001 - a profiler that cannot trace here costs the figure, not the run
+        print(f"profiler: {type(e).__name__}: {e}", flush=True)
+        return None
     busy, end = 0.0, float("-inf")
     for a, b in spans:  # microseconds; the union of the intervals
         if b > end:
