@@ -68,6 +68,7 @@ class EngineSection(Section):
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     tensor_parallel_size: PositiveInt = 1
     enforce_eager: bool = False  # no CUDA graphs
+    cuda_graph_max_tokens: NonNegativeInt = 1024  # steps with prefill chunks up to this many tokens: piecewise graphs
 
 
 class SamplingSection(Section):
@@ -252,7 +253,7 @@ class Experiment(Section):
         e = self.engine
         flags = ["--dtype", self.model.dtype, "--device", self.model.device, "--seed", str(self.seed),
                  "--block-size", str(e.block_size), "--max-num-seqs", str(e.max_num_seqs), "--attention-backend", e.attention_backend,
-                 *(["--enforce-eager"] if e.enforce_eager else []),
+                 *(["--enforce-eager"] if e.enforce_eager else []), "--cuda-graph-max-tokens", str(e.cuda_graph_max_tokens),
                  "--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill"]
         optional = {"--num-gpu-blocks": e.num_blocks, "--kv-cache-memory-bytes": e.kv_cache_memory_bytes,
                     "--max-num-batched-tokens": e.max_num_batched_tokens, "--max-model-len": e.max_model_len,

@@ -83,7 +83,10 @@ def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="auto: the Triton kernels on CUDA, PyTorch elsewhere")
     p.add_argument("--enforce-eager", action="store_true",
                    help="run every step eagerly (on CUDA, steps otherwise replay CUDA graphs: decode steps whole, "
-                        "steps with prefill chunks of up to 1024 tokens piecewise around attention)")
+                        "steps with prefill chunks piecewise around attention)")
+    p.add_argument("--cuda-graph-max-tokens", type=_non_negative_int, default=d.cuda_graph_max_tokens,
+                   help="steps with prefill chunks of up to this many tokens replay piecewise CUDA graphs; 0: they "
+                        "run eagerly (decode steps still replay theirs)")
     p.add_argument("--max-waiting-requests", type=_positive_int, default=DEFAULT_MAX_WAITING_REQUESTS,
                    help="mixed and decode: refuse a request with a 'queue full' error while this many are "
                         "waiting to start (not yet running, or waiting for KV blocks)")
@@ -101,6 +104,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 
@@ -125,6 +135,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_chunked_prefill=args.enable_chunked_prefill, max_model_len=args.max_model_len, seed=args.seed,
         quantization=args.quantization, attention_backend=args.attention_backend,
         tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
+        cuda_graph_max_tokens=args.cuda_graph_max_tokens,
     )
 
 

@@ -35,5 +35,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # Run every step eagerly. Otherwise, on CUDA, steps replay CUDA graphs captured at start-up
     # (pdlab/engine/cuda_graphs.py): decode steps whole, for a set of batch sizes; steps with
-    # prefill chunks of up to 1024 tokens piece by piece around attention.
+    # prefill chunks of up to `cuda_graph_max_tokens` tokens piece by piece around attention
+    # (0: those steps run eagerly).
     enforce_eager: bool = False
+    cuda_graph_max_tokens: int = 1024

@@ -56,8 +56,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdlab.engine")
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-# Token counts of the piecewise graphs. Beyond ~1k tokens a step's GPU time (~25 ms for an 8B model on an
-# H100) exceeds an eager step's launches (~20 ms), so the graphs would buy little for their memory.
+# Token counts of the piecewise graphs (EngineConfig.cuda_graph_max_tokens, 1024 by default, caps them). Beyond
+# ~1k tokens a step's GPU time (~25 ms for an 8B model on an H100) exceeds an eager step's launches (~20 ms), so
+# more graphs would buy little for their memory.
 DEFAULT_TOKEN_SIZES = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 NUM_WARMUP = 2
 
@@ -67,13 +68,11 @@ def batch_sizes(max_num_seqs: int, sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES)
     return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
 
 
-def token_sizes(max_num_batched_tokens: int, sizes: tuple[int, ...] = DEFAULT_TOKEN_SIZES) -> list[int]:
-    """The piecewise graphs' token counts: the defaults up to the step's token budget (and the budget itself
-    when it is below the largest default)."""
-    kept = {s for s in sizes if s < max_num_batched_tokens}
-    if max_num_batched_tokens <= sizes[-1]:
-        kept.add(max_num_batched_tokens)
-    return sorted(kept)
+def token_sizes(max_tokens: int, sizes: tuple[int, ...] = DEFAULT_TOKEN_SIZES) -> list[int]:
+    """The piecewise graphs' token counts up to `max_tokens`: the defaults below it, every 512 tokens beyond
+    the largest default, and `max_tokens` itself."""
+    more = range(sizes[-1] + 512, max_tokens, 512)
+    return sorted({s for s in (*sizes, *more) if s < max_tokens} | {max_tokens})
 
 
 def _capture(fn: Callable[[], object], pool, device: torch.device) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -179,12 +178,12 @@ class DecodeGraphs:
 class MixedGraphs:
     """Piecewise graphs of every step up to the largest token count (see the module docstring)."""
 
-    def __init__(self, runner: ModelRunner, max_num_batched_tokens: int) -> None:
+    def __init__(self, runner: ModelRunner, max_tokens: int) -> None:
         model = runner.model
         c = model.local_config
         self.runner = runner
         self.device = runner.device
-        self.sizes = token_sizes(max_num_batched_tokens)
+        self.sizes = token_sizes(max_tokens)
         self.max_tokens = T = self.sizes[-1]
         self.scratch_slot = runner.kv_cache.scratch_slot
         if self.scratch_slot is None:

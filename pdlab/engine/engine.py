@@ -43,6 +43,8 @@ def build_executor(config: EngineConfig, source, device: torch.device, dtype: to
     agree on the smallest. The engine (rank 0) and `tp_worker` both call this.
     `shared_weights`: map another instance's weights on this GPU instead of loading them.
     """
+    if config.cuda_graph_max_tokens < 0:
+        raise ConfigError(f"cuda_graph_max_tokens must be >= 0, got {config.cuda_graph_max_tokens}")
     if shared_weights is None:
         model = load_model(source, dtype, device, config.seed, config.quantization, tp)
     else:
@@ -67,7 +69,7 @@ def build_executor(config: EngineConfig, source, device: torch.device, dtype: to
     runner = ModelRunner(model, kv_cache, config.attention_backend, tp)
     if graphs:
         budget = scheduler_config(config, max_model_len).max_num_batched_tokens
-        runner.capture_graphs(config.max_num_seqs, max_model_len, budget)
+        runner.capture_graphs(config.max_num_seqs, max_model_len, min(budget, config.cuda_graph_max_tokens))
     return model, kv_cache, runner, max_model_len
 
 

@@ -96,14 +96,16 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
 
-    def capture_graphs(self, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int) -> None:
-        """Capture the decode CUDA graphs, then the piecewise ones of steps with prefill chunks, in one
-        memory pool (every rank at once); a kind whose capture fails anywhere runs eagerly."""
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int, max_tokens: int) -> None:
+        """Capture the decode CUDA graphs, then the piecewise ones of steps with prefill chunks of up to
+        `max_tokens` tokens (0: none), in one memory pool (every rank at once); a kind whose capture fails
+        anywhere runs eagerly."""
         decode = DecodeGraphs(self, max_num_seqs, max_model_len)
         pool = self._try_capture(decode, None, "decode")
         self.graphs = decode if pool is not None else None
-        mixed = MixedGraphs(self, max_num_batched_tokens)
-        self.mixed_graphs = mixed if self._try_capture(mixed, pool, "piecewise") is not None else None
+        if max_tokens > 0:
+            mixed = MixedGraphs(self, max_tokens)
+            self.mixed_graphs = mixed if self._try_capture(mixed, pool, "piecewise") is not None else None
 
     def _try_capture(self, graphs: DecodeGraphs | MixedGraphs, pool, kind: str):
         """The pool after capturing `graphs` on every rank, or None (logged) where any rank failed."""

@@ -27,11 +27,11 @@ def test_captured_sizes_cover_every_batch_up_to_max_num_seqs():
     assert batch_sizes(100) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 100]
 
 
-def test_piecewise_token_counts_stop_at_the_step_budget():
-    assert token_sizes(2048) == [16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
-    assert token_sizes(1024)[-1] == 1024
+def test_piecewise_token_counts_go_up_to_the_cap():
+    assert token_sizes(1024) == [16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
     assert token_sizes(100) == [16, 32, 64, 96, 100]
     assert token_sizes(8) == [8]
+    assert token_sizes(2500)[-5:] == [768, 1024, 1536, 2048, 2500]
 
 
 class _Eagerly:
@@ -114,4 +114,14 @@ def test_graph_replays_give_the_eager_tokens(backend):
         assert runner.graphs.num_replays > warm_up_replays[0]  # decode steps
         assert runner.mixed_graphs.num_replays > warm_up_replays[1]  # prefill chunks, alone or beside decodes
         assert eager.engine.runner.graphs is None and eager.engine.runner.mixed_graphs is None
+    with LLM("tiny-qwen3", cuda_graph_max_tokens=0, **kw) as decode_only:
+        assert decode_only.engine.runner.graphs is not None and decode_only.engine.runner.mixed_graphs is None
+        assert [o.token_ids for o in decode_only.generate(prompts, params)] == want
     assert got == want
+
+
+def test_a_negative_graph_token_cap_is_refused_by_name():
+    from pdlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cuda_graph_max_tokens must be >= 0"):
+        LLM("tiny", device="cpu", cuda_graph_max_tokens=-1)
