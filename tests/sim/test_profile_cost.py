@@ -46,6 +46,19 @@ def test_a_mixed_step_adds_the_decodes_attention_over_their_context_to_one_pass_
     assert tiny.step_time_s(batch((0, 2), *[(299, 1)] * 9)) == pytest.approx(0.010)
 
 
+def test_a_chunk_after_cached_tokens_adds_their_attention_from_the_prefill_rows_quadratic_part():
+    a, b = 1e-4, 1e-8  # seconds per token, per token pair
+    rows = [{"phase": "prefill", "num_seqs": 1, "num_tokens": n, "context_tokens": n, "step_ms": (a * n + b * n * n) * 1e3}
+            for n in (256, 1024, 2048)] + ROWS[2:]
+    cost = ProfileCost.from_rows(rows)
+    assert cost.attention_s_per_token_pair == pytest.approx(b)
+    whole = cost.step_time_s(batch((0, 2048)))
+    assert cost.step_time_s(batch((1024, 1024))) == pytest.approx(cost.prefill_s(1024) + 2 * b * 1024 * 1024)
+    # A prompt in two chunks costs what it costs in one step (here exactly: the rows are a * n + b * n^2).
+    assert cost.step_time_s(batch((0, 1024))) + cost.step_time_s(batch((1024, 1024))) == pytest.approx(whole)
+    assert ProfileCost.from_rows(ROWS).attention_s_per_token_pair == 0.0  # linear rows: no such term
+
+
 def test_profile_cli_table_drives_the_simulator(tmp_path):
     from pdlab.profiler import main
 
