@@ -192,7 +192,7 @@ class MixedGraphs:
         self.ints64 = torch.zeros(3 * T, dtype=torch.int64, device=self.device)  # ids, positions, slots
         self.x = torch.zeros(T, c.hidden_size, **e)  # the residual stream between two graphs
         self.q = torch.zeros(T, c.num_heads, c.head_dim, **e)  # attention's queries ...
-        self.attn = torch.zeros(T, c.num_heads, c.head_dim, **e)  # ... and its output (padding rows stay 0)
+        self.attn = torch.zeros(T, c.num_heads, c.head_dim, **e)  # ... and its output (padding rows: stale, finite)
         self.cos = torch.zeros(T, c.head_dim // 2, dtype=torch.float32, device=self.device)
         self.sin = torch.zeros_like(self.cos)
         self.hidden = torch.zeros(T, c.hidden_size, **e)  # the final norm's output
