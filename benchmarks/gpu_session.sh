@@ -8,7 +8,7 @@
 #                                        # a network: .whl/ with the wheels the GPU image lacks (if any)
 #   device run (carry .whl):  bash benchmarks/gpu_session.sh            # one GPU
 #                             GPUS=2 bash benchmarks/gpu_session.sh     # two GPUs: adds TP=2 and the pair tests
-#   STAGES="tests kernels" (any of tests kernels engine profiles experiment sharing smoke one_gpu_conversation
+#   STAGES="tests kernels" (any of tests kernels engine compiled profiles experiment sharing smoke one_gpu_conversation
 #   one_gpu_code tp2), VARIANTS=bf16,wint4, PROFILES=bf16 (of bf16 wint4), HF= (no HF baseline): split it over
 #   calls that each fit the device tool's 10 minutes. The one-GPU experiments take ~9 minutes each: one a call.
 set -uo pipefail
@@ -49,6 +49,9 @@ stage kernels && run wint-kernels 400 python3 benchmarks/wint_kernels.py --write
 stage kernels && run decode-breakdown 300 python3 benchmarks/decode_breakdown.py --out "$OUT/decode_breakdown.json"
 stage engine && run engine-speed 600 python3 benchmarks/engine_speed.py --model llama3-8b \
   --variants "${VARIANTS:-bf16,bf16-eager,wint8,wint4}" ${HF---hf} --out "$OUT/engine_speed.json"
+# A gpt-fast-style compiled decode step of the same shape (torch.compile; its compile time not yet measured here):
+# compare it with the engine stage's bf16 steps of the same call only.
+stage compiled && run compiled 300 python3 benchmarks/compiled_llama.py --model llama3-8b --batches 1,64
 # The grid experiments/h200_single_conversation.yaml's replay needs (save as data/profiles/llama3-8b_<q>_tp1_<card>.csv).
 grid="--prefill-tokens 16,64,256,512,1024,2048,4096,8192 --decode-batches 1,4,16,32,64,128 --decode-contexts ${CONTEXTS:-128,512,1024,2048}"
 stage profiles && profile bf16 && run profile-bf16 300 python3 -m pdlab.profiler --model llama3-8b --device cuda --dtype bfloat16 $grid \
