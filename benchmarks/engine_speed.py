@@ -66,17 +66,21 @@ def matmul_flops() -> float:
     return 2 * n**3 * 10 / (time.perf_counter() - t)
 
 
-def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int = 20) -> float:
-    """Median wall time of a decode step with `batch` requests at `context` tokens."""
-    gen = torch.Generator().manual_seed(batch)
+def start_decoding(engine: LLMEngine, batch: int, context: int, steps: int, gen: torch.Generator, tag: str) -> None:
+    """`batch` requests of `context` random prompt tokens, prefilled, each with tokens left for `steps` more."""
+    # The first prompts decode beside the later ones' prefill chunks: enough tokens to outlast them.
+    prefill_steps = -(-batch * context // engine.scheduler_config.max_num_batched_tokens)
     for i in range(batch):
         prompt = torch.randint(100, 30000, (context,), generator=gen).tolist()
-        # The first prompts decode beside the later ones' prefill chunks: enough tokens to outlast them.
-        prefill_steps = -(-batch * context // engine.scheduler_config.max_num_batched_tokens)
         engine.add_request(prompt, SamplingParams(max_tokens=steps + 8 + prefill_steps, temperature=0, ignore_eos=True),
-                           f"d{batch}-{i}")
+                           f"{tag}-{i}")
     while any(r.num_output_tokens == 0 for r in engine.scheduler.requests.values()):
         engine.step()  # prefill everything first
+
+
+def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int = 20) -> float:
+    """Median wall time of a decode step with `batch` requests at `context` tokens."""
+    start_decoding(engine, batch, context, steps, torch.Generator().manual_seed(batch), f"d{batch}")
     times = []
     for _ in range(steps):
         if engine.scheduler.num_running != batch:
@@ -117,13 +121,7 @@ def mixed_step(engine: LLMEngine, chunk: int, decodes: int, context: int, steps:
     """A step with one whole prompt of `chunk` tokens beside `decodes` requests decoding at `context` tokens:
     its median wall time, and its GPU busy time (median over 3 profiled steps)."""
     gen = torch.Generator().manual_seed(chunk + decodes)
-    budget = engine.scheduler_config.max_num_batched_tokens
-    for i in range(decodes):
-        prompt = torch.randint(100, 30000, (context,), generator=gen).tolist()
-        engine.add_request(prompt, SamplingParams(max_tokens=2 * steps + 16 + decodes * context // budget,
-                                                  temperature=0, ignore_eos=True), f"m{chunk}-{decodes}-{i}")
-    while any(r.num_output_tokens == 0 for r in engine.scheduler.requests.values()):
-        engine.step()
+    start_decoding(engine, decodes, context, steps + 3, gen, f"m{chunk}-{decodes}")  # the timed and profiled steps
 
     def one_step() -> None:
         prompt = torch.randint(100, 30000, (chunk,), generator=gen).tolist()

@@ -207,14 +207,8 @@ class MixedGraphs:
         T = self.max_tokens
         ids, pos, slots = (t[:size] for t in self.ints64.split([T, T, T]))
         x, q, attn, cos, sin = self.x[:size], self.q[:size], self.attn[:size], self.cos[:size], self.sin[:size]
-        empty = torch.zeros(0, dtype=torch.int32, device=self.device)
-        # What the layers read of a context up to and after attention: the backend, the cache, the slots.
-        ctx = AttentionContext(
-            kv_cache=self.runner.kv_cache, slot_mapping=slots, seqs=[], decode_rows=empty,
-            decode_block_table=empty.view(0, 0), decode_seq_lens=empty, prefill_seqs=[], prefill_q_start=empty,
-            prefill_q_len=empty, prefill_seq_len=empty, prefill_block_table=empty.view(0, 0), prefill_max_q_len=0,
-            backend=self.runner.attention_backend,
-        )
+        # The layers read of a context, up to and after attention, only its backend, cache and slots.
+        ctx = AttentionContext.build(self.runner.kv_cache, [], slots, self.runner.attention_backend)
 
         def first() -> None:
             c, s = model.rope(pos)

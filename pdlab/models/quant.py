@@ -183,10 +183,8 @@ def _scratch_memory(device: torch.device):
     if device.type != "cuda":
         yield
         return
-    pool = torch.cuda.MemPool()
-    with torch.cuda.use_mem_pool(pool, device):
+    with torch.cuda.use_mem_pool(torch.cuda.MemPool(), device):
         yield
-    del pool
 
 
 def _quantize_rows(weight: torch.Tensor, method: QuantMethod, g: int, qweight: torch.Tensor, scales: torch.Tensor,

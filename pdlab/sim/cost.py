@@ -38,6 +38,7 @@ from typing import Protocol
 
 from pdlab.models.config import ModelConfig
 from pdlab.policy.scheduler import ScheduledBatch
+from pdlab.sim.profile_cost import interpolate
 
 
 class CostModel(Protocol):
@@ -115,14 +116,8 @@ class ServedCost:
 
     def host_time_s(self, batch: ScheduledBatch) -> float:
         """The part of `step_time_s` spent on the host, when the GPU is free for other instances."""
-        table = self._table
-        n = len(batch.items)
-        if n <= table[0][0]:
-            return table[0][1]
-        for (n0, s0), (n1, s1) in zip(table, table[1:]):
-            if n <= n1:
-                return s0 + (s1 - s0) * (n - n0) / (n1 - n0)
-        return table[-1][1]
+        sizes, seconds = zip(*self._table)
+        return interpolate(sizes, seconds, min(max(len(batch.items), sizes[0]), sizes[-1]))
 
     def __getattr__(self, name: str):  # what else the engine's model offers (its memory sizes)
         if name == "engine":

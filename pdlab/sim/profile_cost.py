@@ -37,7 +37,7 @@ from pdlab.policy.scheduler import ScheduledBatch
 PROFILE_COLUMNS = ("phase", "num_seqs", "num_tokens", "context_tokens", "step_ms")
 
 
-def _interp(xs: list[float], ys: list[float], x: float) -> float:
+def interpolate(xs: list[float], ys: list[float], x: float) -> float:
     """Piecewise-linear through sorted (xs, ys); linear extrapolation past the ends."""
     if len(xs) == 1:
         return ys[0]
@@ -77,15 +77,15 @@ class ProfileCost:
 
     def prefill_s(self, num_tokens: float) -> float:
         xs, ys = zip(*self.prefill, strict=True)
-        return max(min(ys), _interp(list(xs), list(ys), num_tokens))
+        return max(min(ys), interpolate(list(xs), list(ys), num_tokens))
 
     def decode_s(self, num_seqs: float, mean_context: float) -> float:
         contexts = [c for c, _ in self.decode]
         at = []
         for _, table in self.decode:
             xs, ys = zip(*table, strict=True)
-            at.append(max(min(ys), _interp(list(xs), list(ys), num_seqs)))
-        return max(min(at), _interp(contexts, at, mean_context))
+            at.append(max(min(ys), interpolate(list(xs), list(ys), num_seqs)))
+        return max(min(at), interpolate(contexts, at, mean_context))
 
     @property
     def attention_s_per_token_pair(self) -> float:
