@@ -109,15 +109,17 @@ class ServedCost:
         table = ((1, self.overhead_s),) if isinstance(self.overhead_s, (int, float)) else tuple(self.overhead_s)
         if not table or any(n < 1 or not s >= 0 for n, s in table) or len({n for n, _ in table}) < len(table):
             raise ValueError(f"overhead_s must be >= 0 seconds, for distinct step sizes >= 1; got {self.overhead_s}")
-        object.__setattr__(self, "_table", tuple(sorted(table)))
+        sizes, seconds = zip(*sorted(table))
+        object.__setattr__(self, "_sizes", sizes)
+        object.__setattr__(self, "_seconds", seconds)
 
     def step_time_s(self, batch: ScheduledBatch) -> float:
         return self.engine.step_time_s(batch) + self.host_time_s(batch)
 
     def host_time_s(self, batch: ScheduledBatch) -> float:
         """The part of `step_time_s` spent on the host, when the GPU is free for other instances."""
-        sizes, seconds = zip(*self._table)
-        return interpolate(sizes, seconds, min(max(len(batch.items), sizes[0]), sizes[-1]))
+        sizes = self._sizes
+        return interpolate(sizes, self._seconds, min(max(len(batch.items), sizes[0]), sizes[-1]))
 
     def __getattr__(self, name: str):  # what else the engine's model offers (its memory sizes)
         if name == "engine":
