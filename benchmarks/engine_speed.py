@@ -125,8 +125,12 @@ def mixed_step(engine: LLMEngine, chunk: int, decodes: int, context: int, steps:
 
     def one_step() -> None:
         prompt = torch.randint(100, 30000, (chunk,), generator=gen).tolist()
-        engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0))
-        engine.step()  # the whole prompt and the decodes
+        request = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0))
+        outputs = engine.step()  # the whole prompt and the decodes
+        if not any(o.request_id == request.request_id and o.finished for o in outputs):
+            raise RuntimeError(f"mixed step {chunk}:{decodes}: the prompt did not run whole beside the decodes "
+                               f"(max_num_seqs {engine.scheduler_config.max_num_seqs}, "
+                               f"budget {engine.scheduler_config.max_num_batched_tokens} tokens)")
 
     times = []
     for _ in range(steps):
@@ -195,9 +199,11 @@ def weight_bits(variant: str) -> float:
 
 def run_variant(args, variant: str, copy_Bps: float, peak_flops: float, batches: list[int]) -> dict:
     quant = variant.split("-")[0]
+    mixed = [tuple(int(v) for v in spec.split(":")) for spec in args.mixed.split(",") if spec]
     start = time.perf_counter()
-    engine = LLMEngine(EngineConfig(
-        model=args.model, dtype="bfloat16", device="cuda", max_num_seqs=max(batches), max_num_batched_tokens=8192,
+    engine = LLMEngine(EngineConfig(  # room for a mixed step's decodes and its prompt
+        model=args.model, dtype="bfloat16", device="cuda", max_num_seqs=max(batches + [d + 1 for _, d in mixed]),
+        max_num_batched_tokens=8192,
         max_model_len=8448, gpu_memory_utilization=0.7, quantization=None if quant == "bf16" else quant,
         enforce_eager="eager" in variant, attention_backend="torch" if "torch" in variant else "auto",
         tensor_parallel_size=args.tensor_parallel_size))
@@ -218,8 +224,7 @@ def run_variant(args, variant: str, copy_Bps: float, peak_flops: float, batches:
                "share_of_floor_throughput": floor_s / step_s}
         result["decode"].append(row)
         print(variant, json.dumps(row), flush=True)
-    for spec in [m for m in args.mixed.split(",") if m]:
-        chunk, decodes = (int(v) for v in spec.split(":"))
+    for chunk, decodes in mixed:
         row = mixed_step(engine, chunk, decodes, args.context)
         result["mixed"].append(row)
         print(variant, json.dumps(row), flush=True)

@@ -28,10 +28,11 @@ def test_captured_sizes_cover_every_batch_up_to_max_num_seqs():
 
 
 def test_piecewise_token_counts_go_up_to_the_cap():
-    assert token_sizes(1024) == [16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
-    assert token_sizes(100) == [16, 32, 64, 96, 100]
+    assert token_sizes(1024) == [16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 576, 640, 704,
+                                 768, 832, 896, 960, 1024]
+    assert token_sizes(100) == [16, 32, 48, 64, 96, 100]
     assert token_sizes(8) == [8]
-    assert token_sizes(2500)[-5:] == [768, 1024, 1536, 2048, 2500]
+    assert token_sizes(2000)[-5:] == [1024, 1280, 1536, 1792, 2000]
 
 
 class _Eagerly:
@@ -104,7 +105,9 @@ def test_graph_replays_give_the_eager_tokens(backend):
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(1, 200))] for _ in range(19)]  # pads to 24
     params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True) if i % 2 else
               SamplingParams(max_tokens=24, temperature=0.8, top_k=20, seed=i, ignore_eos=True) for i in range(19)]
-    kw = dict(dtype="float32", max_model_len=512, num_blocks=1024, max_num_seqs=32, attention_backend=backend)
+    # A 256-token budget chunks the prompts: steps of chunks alone and of chunks beside decodes.
+    kw = dict(dtype="float32", max_model_len=512, num_blocks=1024, max_num_seqs=32, max_num_batched_tokens=256,
+              attention_backend=backend)
     with LLM("tiny-qwen3", **kw) as graphed, LLM("tiny-qwen3", enforce_eager=True, **kw) as eager:
         runner = graphed.engine.runner
         assert runner.graphs is not None and runner.mixed_graphs is not None

@@ -20,12 +20,6 @@ CPU = torch.device("cpu")
 WIDE = ModelConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_layers=3, num_heads=4, num_kv_heads=2,
                    name="wide")
 
-# Seen on an H200 (2026-12-01, benchmarks/gpu_session.sh): after a wint4 load ~0.9 GB stays reserved by
-# the caching allocator in partly used segments, so the KV cache gets 8.2-8.6 GB of the 9.5 GB that
-# quantization saves. Emptying the cache after each layer did not change it. Strict: passes once fixed.
-KNOWN_FRAGMENTATION = pytest.mark.xfail(strict=True, reason="~0.9 GB of freed layers stays reserved after a wint4 "
-                                        "load on CUDA (allocator fragmentation; seen on an H200)")
-
 
 def preset(config: ModelConfig) -> ModelSource:
     return ModelSource("preset", config.name, config)
@@ -127,7 +121,6 @@ def test_quantizing_twice_is_refused():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@KNOWN_FRAGMENTATION
 def test_on_cuda_the_peak_is_one_layer_and_the_freed_memory_goes_back_to_the_driver():
     torch.cuda.empty_cache()
     source = resolve_model("llama2-7b")  # 13.5 GB in bf16; K = 4096 and 11008 = 86 * 128
