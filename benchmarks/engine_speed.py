@@ -78,8 +78,9 @@ def start_decoding(engine: LLMEngine, batch: int, context: int, steps: int, gen:
         engine.step()  # prefill everything first
 
 
-def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int = 20) -> float:
-    """Median wall time of a decode step with `batch` requests at `context` tokens."""
+def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int = 20) -> tuple[float, float | None]:
+    """Median wall time of a decode step with `batch` requests at `context` tokens, and its GPU busy time
+    (median over 3 profiled steps; None where the profiler records nothing)."""
     start_decoding(engine, batch, context, steps, torch.Generator().manual_seed(batch), f"d{batch}")
     times = []
     for _ in range(steps):
@@ -90,9 +91,10 @@ def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int = 20) -
         engine.step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    busy = [gpu_busy_s(engine.step) for _ in range(3)]
     for rid in list(engine.scheduler.requests):
         engine.abort(rid)
-    return statistics.median(times[2:])
+    return statistics.median(times[2:]), (statistics.median(busy) if None not in busy else None)
 
 
 def gpu_busy_s(fn) -> float | None:
@@ -217,9 +219,10 @@ def run_variant(args, variant: str, copy_Bps: float, peak_flops: float, batches:
               "cuda_graphs": engine.runner.graphs is not None, "piecewise_graphs": engine.runner.mixed_graphs is not None,
               "decode": [], "mixed": [], "prefill": []}
     for batch in batches:
-        step_s = decode_steps(engine, batch, args.context)
+        step_s, busy_s = decode_steps(engine, batch, args.context)
         floor_s = (weight_bytes + batch * args.context * kv_bytes_per_token) / copy_Bps
-        row = {"batch": batch, "context": args.context, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
+        row = {"batch": batch, "context": args.context, "step_ms": step_s * 1e3,
+               "gpu_busy_ms": busy_s and busy_s * 1e3, "floor_ms": floor_s * 1e3,
                "x_floor": step_s / floor_s, "tokens_per_s": batch / step_s, "floor_tokens_per_s": batch / floor_s,
                "share_of_floor_throughput": floor_s / step_s}
         result["decode"].append(row)
