@@ -22,13 +22,6 @@ ENGINE = dict(device="cpu", num_blocks=128, max_model_len=256)
 #   wint8 min >= 0.99987, mean >= 0.99995;  wint4 min >= 0.958, mean >= 0.9846 (qwen3 is the worst).
 BOUNDS = {"wint8": (0.999, 0.9998), "wint4": (0.9, 0.97)}  # (min, mean)
 
-# Seen on an H200 (2026-12-01, benchmarks/gpu_session.sh): after a wint4 load ~0.9 GB stays reserved by
-# the caching allocator in partly used segments, so the KV cache gets 8.2-8.6 GB of the 9.5 GB that
-# quantization saves. Emptying the cache after each layer did not change it. Strict: passes once fixed.
-KNOWN_FRAGMENTATION = pytest.mark.xfail(strict=True, reason="~0.9 GB of freed layers stays reserved after a wint4 "
-                                        "load on CUDA (allocator fragmentation; seen on an H200)")
-
-
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(10, 512) for _ in range(rng.randrange(20, 60))] for _ in range(n)]
@@ -102,7 +95,6 @@ def test_the_instance_flag_reaches_the_engine_config(capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@KNOWN_FRAGMENTATION
 def test_on_cuda_the_kv_cache_gets_the_memory_quantization_saves():
     def kv_bytes(quantization):
         engine = LLMEngine(EngineConfig(model="llama2-7b", device="cuda", dtype="bfloat16", max_model_len=4096,
@@ -117,5 +109,8 @@ def test_on_cuda_the_kv_cache_gets_the_memory_quantization_saves():
     torch.cuda.empty_cache()
     kv_plain, linears_plain = kv_bytes(None)
     kv_quant, linears_quant = kv_bytes("wint4")
-    saved = linears_plain - linears_quant  # ~9.8 GB
-    assert kv_quant - kv_plain == pytest.approx(saved, rel=0.05)
+    saved = linears_plain - linears_quant  # ~9.5 GB
+    # 98.4% on an H100 (2026-12-07). It fails if quantize()'s temporaries leave the allocator's segments
+    # fragmented (88-91% before they got a pool of their own), or if the first engine's CUDA graphs leave
+    # memory behind (88% while every capture warmed up on a new stream: a cuBLAS workspace each).
+    assert kv_quant - kv_plain == pytest.approx(saved, rel=0.03)
