@@ -110,7 +110,8 @@ def test_on_cuda_the_kv_cache_gets_the_memory_quantization_saves():
     kv_plain, linears_plain = kv_bytes(None)
     kv_quant, linears_quant = kv_bytes("wint4")
     saved = linears_plain - linears_quant  # ~9.5 GB
-    # 98.4% on an H100 (2026-12-07). It fails if quantize()'s temporaries leave the allocator's segments
-    # fragmented (88-91% before they got a pool of their own), or if the first engine's CUDA graphs leave
-    # memory behind (88% while every capture warmed up on a new stream: a cuBLAS workspace each).
+    # 98.4% on an H100 (2026-12-07); 86-91% on an H200 before two fixes: quantize()'s temporaries left the
+    # allocator's segments fragmented (now in a pool of their own), and the first engine's CUDA graph captures
+    # left 1 GiB behind (each warmed up on a new stream, and cuBLAS keeps a workspace per stream: 87.8% on
+    # that H100 until they shared one stream).
     assert kv_quant - kv_plain == pytest.approx(saved, rel=0.03)
