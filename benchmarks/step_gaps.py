@@ -5,7 +5,10 @@
 The phases of `engine.step()` (scheduling, planning, the input copies, graph replays, eager attention, LM head,
 sampling, the scheduler's update, the outputs) run under torch.profiler labels. For a few steps of each kind,
 the time between the step's start and its end in which no kernel or copy runs on the GPU is charged, in 10 us
-slices, to the innermost label the host was in (`other` when none). What a label is charged is host work the
+slices, to the innermost label the host was in (`other`, when none, is mostly the engine loop's own code and
+the step's outputs). Each label costs the profiler a few microseconds, so only phases that run once or once per
+layer are labelled, and the same steps are also timed without the profiler (`wall_unprofiled_ms`). What a label
+is charged is host work the
 GPU waited for: the part of a step that CUDA graphs do not remove and that overlapping the host's work with
 the GPU's would. Decode steps start from `batch` requests at `--context` tokens; a mixed step adds one prompt
 of CHUNK tokens beside DECODES decoding requests (benchmarks/engine_speed.py's steps). Needs a CUDA GPU.
@@ -18,6 +21,7 @@ import functools
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,8 +54,6 @@ PHASES = [
     (Transformer, "forward", "forward (eager)"),
     (Transformer, "compute_logits", "lm head"),
     (model_runner, "sample", "sample"),
-    (LLMEngine, "output", "outputs"),
-    (LLMEngine, "add_request", "add request"),
 ]
 LABELS = {label for _, _, label in PHASES} | {"step"}
 
@@ -109,16 +111,20 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def profiled(engine: LLMEngine, step, n: int = 5) -> dict:
-    for _ in range(2):
-        step()  # warm (and past any first-time work)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    sync()
+    walls = []
+    for _ in range(2 + n):  # the first two warm up (and get past any first-time work)
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        walls.append(time.perf_counter() - t)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             with record_function("step"):
                 step()
                 sync()
-    return summarize(charge_gaps(prof.events(), n))
+    return {"wall_unprofiled_ms": statistics.median(walls[2:]) * 1e3, **summarize(charge_gaps(prof.events(), n))}
 
 
 def main() -> None:
@@ -144,14 +150,14 @@ def main() -> None:
               "enforce_eager": args.enforce_eager, "decode": [], "mixed": []}
     gen = torch.Generator().manual_seed(0)
     for batch in decodes:
-        start_decoding(engine, batch, args.context, 12, gen, f"d{batch}")
+        start_decoding(engine, batch, args.context, 20, gen, f"d{batch}")
         row = {"batch": batch, **profiled(engine, engine.step)}
         report["decode"].append(row)
         print(json.dumps(row), flush=True)
         for rid in list(engine.scheduler.requests):
             engine.abort(rid)
     for chunk, batch in mixed:
-        start_decoding(engine, batch, args.context, 12, gen, f"m{chunk}-{batch}")
+        start_decoding(engine, batch, args.context, 20, gen, f"m{chunk}-{batch}")
 
         def step(chunk=chunk) -> None:
             engine.add_request(torch.randint(100, 30000, (chunk,), generator=gen).tolist(),
