@@ -49,6 +49,8 @@ stage kernels && run wint-kernels 400 python3 benchmarks/wint_kernels.py --write
 stage kernels && run decode-breakdown 300 python3 benchmarks/decode_breakdown.py --out "$OUT/decode_breakdown.json"
 stage engine && run engine-speed 600 python3 benchmarks/engine_speed.py --model llama3-8b \
   --variants "${VARIANTS:-bf16,bf16-eager,wint8,wint4}" ${HF---hf} --out "$OUT/engine_speed.json"
+stage engine && run step-gaps 150 python3 benchmarks/step_gaps.py --decode 1,8,64 --mixed 16:1,256:16,960:64 \
+  --out "$OUT/step_gaps.json"
 # A gpt-fast-style compiled decode step of the same shape (torch.compile; its compile time not yet measured here):
 # compare it with the engine stage's bf16 steps of the same call only.
 stage compiled && run compiled 300 python3 benchmarks/compiled_llama.py --model llama3-8b --batches 1,64
