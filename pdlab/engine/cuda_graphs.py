@@ -80,7 +80,7 @@ def token_sizes(max_tokens: int, sizes: tuple[int, ...] = DEFAULT_TOKEN_SIZES) -
 
 @functools.cache
 def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one side stream every capture on `device` warms up on. cuBLAS keeps a workspace (32 MiB on an
+    """The one side stream every capture on `device` warms up on. cuBLAS keeps a workspace (~32 MiB on an
     H100) per stream it has run on, for the life of the process: a new stream per capture cycled through
     PyTorch's pool of 32 and held 1 GiB that no engine could use, nor free on close (measured on an H100)."""
     return torch.cuda.Stream(device)
