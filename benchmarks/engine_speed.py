@@ -10,8 +10,8 @@ Baselines measured here, on the same card, in the same process:
   docs/facts.md does);
 - bf16 matmul peak (8192^3) for prefill MFU;
 - the first variant's decode steps (ratios of every other variant against it);
-- for a step that carries a prefill chunk beside decodes (`--mixed CHUNK:DECODES,...`), its GPU busy time
-  (kernel time from the profiler): the rest of its wall time is host time the GPU waited for;
+- for each decode step and each step that carries a prompt beside decodes (`--mixed CHUNK:DECODES,...`), its
+  GPU busy time (kernel time from the profiler): the rest of its wall time is host time the GPU waited for;
 - Hugging Face transformers `generate` on the same shape, batch 1 (`--hf`);
 - a gpt-fast-style compiled decode step of the same shape and batches (`--compiled`,
   benchmarks/compiled_llama.py).
