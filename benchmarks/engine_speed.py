@@ -91,10 +91,10 @@ def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int = 20) -
         engine.step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    busy = [gpu_busy_s(engine.step) for _ in range(3)]
+    busy = median_gpu_busy_s(engine.step)
     for rid in list(engine.scheduler.requests):
         engine.abort(rid)
-    return statistics.median(times[2:]), (statistics.median(busy) if None not in busy else None)
+    return statistics.median(times[2:]), busy
 
 
 def gpu_busy_s(fn) -> float | None:
@@ -119,6 +119,12 @@ def gpu_busy_s(fn) -> float | None:
     return busy / 1e6 if spans else None
 
 
+def median_gpu_busy_s(step, n: int = 3) -> float | None:
+    """The median of `gpu_busy_s` over n calls of `step`; None where the profiler records nothing."""
+    busy = [gpu_busy_s(step) for _ in range(n)]
+    return statistics.median(busy) if None not in busy else None
+
+
 def mixed_step(engine: LLMEngine, chunk: int, decodes: int, context: int, steps: int = 12) -> dict:
     """A step with one whole prompt of `chunk` tokens beside `decodes` requests decoding at `context` tokens:
     its median wall time, and its GPU busy time (median over 3 profiled steps)."""
@@ -141,13 +147,12 @@ def mixed_step(engine: LLMEngine, chunk: int, decodes: int, context: int, steps:
         one_step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    busy = [gpu_busy_s(one_step) for _ in range(3)]
+    gpu = median_gpu_busy_s(one_step)
     if engine.scheduler.num_running != decodes:
         raise RuntimeError(f"mixed step {chunk}:{decodes}: {engine.scheduler.num_running} requests decoding")
     for rid in list(engine.scheduler.requests):
         engine.abort(rid)
     wall = statistics.median(times[2:])
-    gpu = statistics.median(busy) if None not in busy else None
     return {"chunk": chunk, "decodes": decodes, "context": context, "step_ms": wall * 1e3,
             "gpu_busy_ms": gpu and gpu * 1e3, "host_beyond_gpu_ms": gpu and (wall - gpu) * 1e3}
 

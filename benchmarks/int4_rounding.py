@@ -73,6 +73,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int | None = None, block
     engine's format needs)."""
     n, k = w.shape
     group = METHODS["wint4"].group_size_for(k) if group is None else group
+    if block % group:
+        raise ValueError(f"block {block} must be a multiple of the group {group}: a group is rounded within a block")
     w = w.double().clone()
     h = hessian.double().clone()
     dead = h.diagonal() == 0
@@ -94,8 +96,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int | None = None, block
             if act_order:
                 scale = static[:, int(order[col]) // group]
             elif col % group == 0:  # the group's columns, with this block's spread errors in them
-                cols = torch.cat([wb[:, i:], w[:, b1:]], dim=1)[:, :group]
-                scale = (cols.abs().amax(dim=1) / 7).clamp_min(1e-12)
+                scale = (wb[:, i:i + group].abs().amax(dim=1) / 7).clamp_min(1e-12)
             q = (wb[:, i] / scale).round().clamp(-7, 7) * scale
             out[:, col] = q
             e = (wb[:, i] - q) / hb[i, i]
