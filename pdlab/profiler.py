@@ -18,6 +18,11 @@ Under CUDA MPS, as an instance that shares its GPU runs (a GPU and the right to 
 and `--beside KIND:P` keeps a second process busy on the same GPU, limited to P%, for the whole profile:
 `matmul` (bf16 8192^3 products: compute-bound, as a prefill) or `copy` (1 GiB device-to-device copies:
 bandwidth-bound, as a decode). The steps are timed while the other partition works.
+
+Time-sliced, as two plain processes share a GPU without MPS (`--sharing time`; P must be 100, there is no
+SM limit to set):
+
+    python -m pdlab.profiler --model llama3-8b --device cuda --sharing time --beside matmul:100 ...
 """
 
 from __future__ import annotations
@@ -181,17 +186,19 @@ def parse_beside(text: str) -> tuple[str, int]:
 
 
 @contextmanager
-def mps_partition(sm_percentage: int | None, beside: tuple[str, int] | None):
-    """This process under MPS at `sm_percentage` (set before CUDA starts), with the `beside` load running."""
+def shared_gpu(sharing: str, sm_percentage: int | None, beside: tuple[str, int] | None):
+    """This process sharing its GPU with the `beside` load: under MPS at `sm_percentage` (set before CUDA
+    starts), or time-sliced (`sharing="time"`: plain processes, no SM limits)."""
     from pdlab.cluster.args import MPS_THREAD_PERCENTAGE_ENV, apply_sm_percentage
     from pdlab.cluster.mps import MpsDaemon
 
     with ExitStack() as stack:
-        os.environ.update(stack.enter_context(MpsDaemon()).env)
-        apply_sm_percentage(sm_percentage)
+        if sharing == "mps":
+            os.environ.update(stack.enter_context(MpsDaemon()).env)
+            apply_sm_percentage(sm_percentage)
         if beside is not None:
             kind, pct = beside
-            env = {**os.environ, MPS_THREAD_PERCENTAGE_ENV: str(pct)}
+            env = {**os.environ, MPS_THREAD_PERCENTAGE_ENV: str(pct)} if sharing == "mps" else dict(os.environ)
             load = subprocess.Popen([sys.executable, "-c", _LOAD_LOOP.format(setup=_LOADS[kind])], env=env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             stack.callback(load.wait, 60)
@@ -224,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--sm-percentage", type=int, default=None, help="profile under CUDA MPS at N%% of the SMs")
     parser.add_argument("--beside", default=None, metavar="KIND:P",
-                        help="under CUDA MPS, with a second process busy at P%% of the SMs: matmul or copy")
+                        help="with a second process busy at P%% of the SMs: matmul or copy")
+    parser.add_argument("--sharing", choices=("mps", "time"), default="mps",
+                        help="how --beside shares the GPU: under CUDA MPS, or time-sliced (no MPS)")
     parser.add_argument("--recheck", type=int, default=3,
                         help="rows timed again at the end, which must agree within 5%% (0: none)")
     parser.add_argument("--out", type=Path, default=Path("profile.csv"))
@@ -235,11 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.sm_percentage is not None and not 1 <= args.sm_percentage <= 100:
         parser.error(f"--sm-percentage must be in 1..100, got {args.sm_percentage}")
+    if args.sharing == "time" and (args.sm_percentage is not None or (beside and beside[1] != 100)):
+        parser.error("--sharing time has no SM limits: leave out --sm-percentage and give --beside KIND:100")
     checks: list[dict] = []
     with ExitStack() as stack:
         if args.sm_percentage is not None or beside is not None:
             try:
-                stack.enter_context(mps_partition(args.sm_percentage, beside))
+                stack.enter_context(shared_gpu(args.sharing, args.sm_percentage, beside))
             except (ConfigError, RuntimeError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2

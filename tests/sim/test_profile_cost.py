@@ -106,6 +106,10 @@ def test_profiler_refuses_a_bad_mps_load_in_one_line(capsys):
     with pytest.raises(SystemExit):
         profiler.main(["--sm-percentage", "0"])
     assert "--sm-percentage must be in 1..100" in capsys.readouterr().err
+    for bad in (["--beside", "matmul:60"], ["--sm-percentage", "40"]):  # time-sliced: no SM limits to set
+        with pytest.raises(SystemExit):
+            profiler.main(["--sharing", "time", *bad])
+        assert "--sharing time has no SM limits" in capsys.readouterr().err
 
 
 def test_profiler_under_mps_without_the_daemon_says_why(monkeypatch, capsys):
