@@ -16,8 +16,9 @@ Baselines measured here, on the same card, in the same process:
 - a gpt-fast-style compiled decode step of the same shape and batches (`--compiled`,
   benchmarks/compiled_llama.py).
 
-A variant is `bf16`, `wint8` or `wint4`, optionally `-eager` (no CUDA graphs) or
-`-torch` (the PyTorch attention path instead of the Triton kernels); with
+A variant is `bf16`, `wint8` or `wint4`, optionally `-eager` (no CUDA graphs), `-async` (async
+scheduling: the next decode step queued before the host has this one's tokens) or `-torch` (the PyTorch
+attention path instead of the Triton kernels); with
 `--tensor-parallel-size N` every variant runs on N GPUs.
 """
 
@@ -79,23 +80,27 @@ def start_decoding(engine: LLMEngine, batch: int, context: int, steps: int, gen:
 
 
 def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int = 20) -> tuple[float, float | None]:
-    """Median wall time of a decode step with `batch` requests at `context` tokens, and its GPU busy time
-    (median over 3 profiled steps; None where the profiler records nothing)."""
+    """Wall time of a decode step with `batch` requests at `context` tokens, and its GPU busy time (median
+    over 3 profiled steps; None where the profiler records nothing). The wall time is that of `steps` steps
+    run back to back, divided by their number, as a served instance runs them (with async scheduling a
+    step returns before its GPU work ends: timing one step at a time would hide what it overlaps)."""
     start_decoding(engine, batch, context, steps, torch.Generator().manual_seed(batch), f"d{batch}")
-    times = []
+    for _ in range(2):
+        engine.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
     for _ in range(steps):
         if engine.scheduler.num_running != batch:
             raise RuntimeError(f"batch {batch}: {engine.scheduler.num_running} requests decoding, not {batch}")
-        torch.cuda.synchronize()
-        t = time.perf_counter()
         engine.step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    engine.drain()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / steps
     busy = median_gpu_busy_s(engine.step)
+    engine.drain()
     for rid in list(engine.scheduler.requests):
         engine.abort(rid)
-    return statistics.median(times[2:]), busy
-
+    return wall, busy
 
 def gpu_busy_s(fn) -> float | None:
     """Seconds the GPU spent in kernels and copies while `fn` ran (overlaps counted once), from the profiler;
@@ -213,6 +218,7 @@ def run_variant(args, variant: str, copy_Bps: float, peak_flops: float, batches:
         max_num_batched_tokens=8192,
         max_model_len=8448, gpu_memory_utilization=0.7, quantization=None if quant == "bf16" else quant,
         enforce_eager="eager" in variant, attention_backend="torch" if "torch" in variant else "auto",
+        async_scheduling="async" in variant,
         tensor_parallel_size=args.tensor_parallel_size))
     c, tp = engine.model_config, args.tensor_parallel_size
     embed = c.vocab_size * c.hidden_size

@@ -39,3 +39,7 @@ class EngineConfig:
     # (0: those steps run eagerly).
     enforce_eager: bool = False
     cuda_graph_max_tokens: int = 1024
+    # Queue the next decode step on the device before the host has the tokens of the one running
+    # (`LLMEngine.step`): the host's work (outputs, scheduling, inputs) hides behind the GPU's. A request
+    # that stops on a token (EOS, a stop token or string) still had its next step computed, thrown away.
+    async_scheduling: bool = False

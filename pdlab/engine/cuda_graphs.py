@@ -156,8 +156,9 @@ class DecodeGraphs:
         return (0 < n <= self.max_batch and not inputs.pushes and len(inputs.input_ids) == n
                 and all(len(s.block_ids) <= self.max_blocks for s in inputs.seqs))
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
-        """The hidden states [n, hidden] of a decode-only step of n sequences (`can_run` first)."""
+    def run(self, inputs: StepInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden states [n, hidden] of a decode-only step of n sequences (`can_run` first);
+        `input_ids` [n] on the device replace `inputs.input_ids`."""
         n = len(inputs.seqs)
         size = next(s for s in self.sizes if s >= n)
         B, W = self.max_batch, self.max_blocks
@@ -181,6 +182,8 @@ class DecodeGraphs:
         src32 = copy_to_device(torch.from_numpy(host32), self.device)
         seq_lens[:size].copy_(src32[:size])
         table_buf.view(B, W)[:size, :width].copy_(src32[size:].view(size, width))
+        if input_ids is not None:
+            ids[:n].copy_(input_ids)
         self.graphs[size].replay()
         self.num_replays += 1
         return self.outputs[size][:n]
@@ -257,9 +260,11 @@ class MixedGraphs:
     def can_run(self, inputs: StepInputs) -> bool:
         return 0 < len(inputs.input_ids) <= self.max_tokens
 
-    def run(self, inputs: StepInputs, on_kv_written: Callable[[int], None] | None = None) -> torch.Tensor:
+    def run(self, inputs: StepInputs, on_kv_written: Callable[[int], None] | None = None,
+            input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The hidden states [n, hidden] of a step of n tokens (`can_run` first). `on_kv_written(layer)`
-        runs as each layer's new K and V are in the cache (a prefill instance's transfer)."""
+        runs as each layer's new K and V are in the cache (a prefill instance's transfer); `input_ids` [n]
+        on the device replace `inputs.input_ids`."""
         n = len(inputs.input_ids)
         size = next(s for s in self.sizes if s >= n)
         pad = size - n
@@ -269,6 +274,8 @@ class MixedGraphs:
         ids, pos, slots = self.ints64.split([T, T, T])
         for dst, src in zip((ids, pos, slots), copy_to_device(host, self.device).split([size, size, size])):
             dst[:size].copy_(src)
+        if input_ids is not None:
+            ids[:n].copy_(input_ids)
         ctx = AttentionContext.build(self.runner.kv_cache, inputs.seqs, slots[:size], self.runner.attention_backend)
         ctx.on_kv_written = on_kv_written
         graphs = self.graphs[size]

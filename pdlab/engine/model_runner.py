@@ -18,9 +18,9 @@ from pdlab.engine.cuda_graphs import DecodeGraphs, MixedGraphs
 from pdlab.models.kv_cache import KVCache
 from pdlab.engine.kv_io import KVTransfers, Push
 from pdlab.models.parallel import STEP
-from pdlab.engine.sampler import sample
+from pdlab.engine.sampler import sample_on_device
 from pdlab.models.transformer import Transformer
-from pdlab.policy.scheduler import ScheduledBatch
+from pdlab.policy.scheduler import ScheduledBatch, ScheduledRequest
 
 if TYPE_CHECKING:
     from pdlab.models.parallel import TensorParallel
@@ -123,14 +123,15 @@ class ModelRunner:
                  graphs.sizes)
         return pool
 
-    def plan(self, batch: ScheduledBatch) -> StepInputs:
-        """Flatten the batch on the host: token ids, positions, cache slots, sequences, rows to sample."""
+    def plan(self, batch: ScheduledBatch, ids_known: bool = True) -> StepInputs:
+        """Flatten the batch on the host: token ids, positions, cache slots, sequences, rows to sample.
+        `ids_known=False`: the token ids are still on the device (zeros here; see `launch`)."""
         bs = self.block_size
         inputs = StepInputs([], [], [], [], [])
         for item in batch.items:
             request = item.request
             end = item.start + item.num_tokens
-            tokens = request.token_ids(item.start, end)
+            tokens = request.token_ids(item.start, end) if ids_known else [0] * item.num_tokens
             inputs.seqs.append(SeqSlice(len(inputs.input_ids), item.num_tokens, end, request.block_ids[: -(-end // bs)]))
             inputs.input_ids.extend(tokens)
             for p in range(item.start, end):
@@ -155,18 +156,19 @@ class ModelRunner:
         inputs = self.plan(batch)
         return (*self.load(inputs), inputs.sample_rows)
 
-    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
+    def forward(self, inputs: StepInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run the model on one step (every rank), making the step's KV pushes as each layer is
-        written; the logits of `inputs.sample_rows` [N, vocab], if any."""
+        written; the logits of `inputs.sample_rows` [N, vocab], if any. `input_ids` [T] on the device,
+        when given, replace `inputs.input_ids`."""
         on_kv_written = (lambda layer: self.transfers.push_layer(layer, inputs.pushes)) if inputs.pushes else None
         if self.graphs is not None and self.graphs.can_run(inputs):
-            hidden = self.graphs.run(inputs)  # [T, hidden]
+            hidden = self.graphs.run(inputs, input_ids)  # [T, hidden]
         elif self.mixed_graphs is not None and self.mixed_graphs.can_run(inputs):
-            hidden = self.mixed_graphs.run(inputs, on_kv_written)
+            hidden = self.mixed_graphs.run(inputs, on_kv_written, input_ids)
         else:
             ids, pos, ctx = self.load(inputs)
             ctx.on_kv_written = on_kv_written
-            hidden = self.model(ids, pos, ctx)  # [T, hidden]
+            hidden = self.model(ids if input_ids is None else input_ids, pos, ctx)  # [T, hidden]
         rows = inputs.sample_rows
         if not rows:
             return None
@@ -174,36 +176,52 @@ class ModelRunner:
             hidden = hidden[rows]
         return self.model.compute_logits(hidden)  # [N, vocab]
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, push_plan: PushPlan | None = None) -> StepOutput:
         """Run one step; return the new token of every item with `sample=True`, by request id.
 
         `push_plan(batch)`, when given, lists the KV copies to make inside the forward pass,
         each layer right after its K and V are written (a prefill instance's transfer)."""
-        out = StepOutput()
-        if not batch.items:
-            return out
-        inputs = self.plan(batch)
+        return self.collect(self.launch(batch, push_plan))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, push_plan: PushPlan | None = None,
+               input_ids: torch.Tensor | None = None) -> LaunchedStep:
+        """Queue one step's work on the device and return without waiting for it: its sampled tokens stay
+        on the device until `collect`. `input_ids` [T] on the device: the step's token ids, when the host
+        does not know them yet (a step queued behind the one that samples them; tensor parallelism needs
+        them on the host)."""
+        inputs = self.plan(batch, ids_known=input_ids is None)
         if push_plan is not None:
             inputs.pushes = push_plan(batch)
         if self.tp is not None:
+            if input_ids is not None:
+                raise ValueError("with tensor parallelism a step's token ids must be known on the host")
             self.tp.broadcast_ints([STEP, *inputs.encode()])
-        logits = self.forward(inputs)
-        if logits is None:
-            return out
+        logits = self.forward(inputs, input_ids)
         to_sample = [item for item in batch.items if item.sample]
+        if logits is None:
+            return LaunchedStep(batch, [], None, None)
         params = [item.request.params for item in to_sample]
-        tokens = sample(
-            logits,
-            params,
-            [item.request.seed for item in to_sample],
-            [item.request.num_output_tokens for item in to_sample],
-        )
-        out.tokens = {item.request.request_id: token for item, token in zip(to_sample, tokens)}
+        # A token's output index from its position, not from the request's outputs so far: those lack the
+        # tokens of steps still in flight.
+        indices = [item.start + item.num_tokens - item.request.num_prompt_tokens for item in to_sample]
+        tokens = sample_on_device(logits, params, [item.request.seed for item in to_sample], indices)
+        keep = any(p.logprobs is not None for p in params)
+        return LaunchedStep(batch, to_sample, tokens, logits if keep else None)
+
+    @torch.inference_mode()
+    def collect(self, step: LaunchedStep) -> StepOutput:
+        """Wait for a launched step's tokens (and log-probabilities, when asked) on the host."""
+        out = StepOutput()
+        if step.tokens is None:
+            return out
+        tokens = step.tokens.tolist()
+        out.tokens = {item.request.request_id: token for item, token in zip(step.to_sample, tokens)}
+        params = [item.request.params for item in step.to_sample]
         want = [r for r, p in enumerate(params) if p.logprobs is not None]
         if want:
-            out.logprobs = top_logprobs(logits[want], [params[r].logprobs for r in want],
-                                        [tokens[r] for r in want], [to_sample[r].request.request_id for r in want])
+            out.logprobs = top_logprobs(step.logits[want], [params[r].logprobs for r in want],
+                                        [tokens[r] for r in want], [step.to_sample[r].request.request_id for r in want])
         return out
 
     @torch.inference_mode()
@@ -212,6 +230,17 @@ class ModelRunner:
         calls, until it says stop."""
         self.tp.serve(lambda data: self.forward(StepInputs.decode(data)), self.transfers.handlers)
         self.transfers.close()
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device (`ModelRunner.launch`): its sampled tokens [N], in the order of
+    `to_sample`, still there; `logits` kept when a request asked for log-probabilities."""
+
+    batch: ScheduledBatch
+    to_sample: list[ScheduledRequest]
+    tokens: torch.Tensor | None
+    logits: torch.Tensor | None
 
 
 @dataclass
