@@ -69,6 +69,7 @@ class EngineSection(Section):
     tensor_parallel_size: PositiveInt = 1
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_max_tokens: NonNegativeInt = 1024  # steps with prefill chunks up to this many tokens: piecewise graphs
+    async_scheduling: bool = False  # queue the next decode step before the host has this one's tokens
 
 
 class SamplingSection(Section):
@@ -254,6 +255,7 @@ class Experiment(Section):
         flags = ["--dtype", self.model.dtype, "--device", self.model.device, "--seed", str(self.seed),
                  "--block-size", str(e.block_size), "--max-num-seqs", str(e.max_num_seqs), "--attention-backend", e.attention_backend,
                  *(["--enforce-eager"] if e.enforce_eager else []), "--cuda-graph-max-tokens", str(e.cuda_graph_max_tokens),
+                 *(["--async-scheduling"] if e.async_scheduling else []),
                  "--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill"]
         optional = {"--num-gpu-blocks": e.num_blocks, "--kv-cache-memory-bytes": e.kv_cache_memory_bytes,
                     "--max-num-batched-tokens": e.max_num_batched_tokens, "--max-model-len": e.max_model_len,

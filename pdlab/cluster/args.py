@@ -87,6 +87,10 @@ def add_instance_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--cuda-graph-max-tokens", type=_non_negative_int, default=d.cuda_graph_max_tokens,
                    help="steps with prefill chunks of up to this many tokens replay piecewise CUDA graphs; 0: they "
                         "run eagerly (decode steps still replay theirs)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="queue each decode step on the GPU before the host has the previous step's tokens, so the "
+                        "host's work per step hides behind the GPU's (a request that stops on a token has one "
+                        "extra step computed and thrown away)")
     p.add_argument("--max-waiting-requests", type=_positive_int, default=DEFAULT_MAX_WAITING_REQUESTS,
                    help="mixed and decode: refuse a request with a 'queue full' error while this many are "
                         "waiting to start (not yet running, or waiting for KV blocks)")
@@ -135,7 +139,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_chunked_prefill=args.enable_chunked_prefill, max_model_len=args.max_model_len, seed=args.seed,
         quantization=args.quantization, attention_backend=args.attention_backend,
         tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
-        cuda_graph_max_tokens=args.cuda_graph_max_tokens,
+        cuda_graph_max_tokens=args.cuda_graph_max_tokens, async_scheduling=args.async_scheduling,
     )
 
 

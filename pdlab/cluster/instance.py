@@ -213,7 +213,7 @@ class Instance:
             self.watch(self.agent.socket, None)
         try:
             while not self._stopping:
-                busy = self.engine.scheduler.has_work()
+                busy = self.engine.has_work()
                 events = dict(self._poller.poll(0 if busy else 5))
                 for sock, handle in list(self._handlers.items()):
                     if sock not in events:
@@ -229,7 +229,7 @@ class Instance:
                     if now_s >= self._next_info_s:
                         self._next_info_s = now_s + self.splitwise.heartbeat_s
                         self.agent.set_info(self.node_info())
-                if self.engine.scheduler.has_work():
+                if self.engine.has_work():
                     self.handler.step()
         finally:
             self.handler.close()

@@ -276,6 +276,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 
+    def has_work(self) -> bool:
+        """Whether `step` has anything to do: requests to schedule, or a step left running to collect."""
+        return self.scheduler.has_work() or self._in_flight is not None
+
     # --- the loop ------------------------------------------------------------------
 
     def step(self, push_plan: PushPlan | None = None) -> list[RequestOutput]:
