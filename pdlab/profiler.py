@@ -16,8 +16,11 @@ Under CUDA MPS, as an instance that shares its GPU runs (a GPU and the right to 
 
 `--sm-percentage N` limits this process to N% of the SMs (what an instance's flag of the same name does)
 and `--beside KIND:P` keeps a second process busy on the same GPU, limited to P%, for the whole profile:
-`matmul` (bf16 8192^3 products: compute-bound, as a prefill) or `copy` (1 GiB device-to-device copies:
-bandwidth-bound, as a decode). The steps are timed while the other partition works.
+`matmul` (bf16 8192^3 products: compute-bound, as a prefill), `copy` (1 GiB device-to-device copies:
+bandwidth-bound, as a decode), or the engine itself with the same model, as the other instance of a one-GPU
+pair works: `prefill` (2048-token prompts back to back) or `decode` (32 requests decoding at 1-2k tokens of
+context, with the pauses between steps a real instance has). The steps are timed while the other partition
+works.
 
 Time-sliced, as two plain processes share a GPU without MPS (`--sharing time`; P must be 100, there is no
 SM limit to set):
@@ -160,13 +163,18 @@ def disagreements(rows: list[dict], checks: list[dict], tolerance: float = RECHE
     return lines
 
 
-# The other partition's work (--beside): runs until its stdin closes.
+# The other partition's work (--beside): runs until its stdin closes. `matmul` and `copy` keep the GPU busy
+# without a pause; `prefill` and `decode` are the engine itself, as the other instance of a one-GPU pair runs:
+# 2048-token prompts back to back, or 32 requests decoding at 1-2k tokens of context.
 _LOADS = {
     "matmul": "a = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16); b = a.clone(); step = lambda: a @ b",
     "copy": "a = torch.empty(1 << 30, dtype=torch.uint8, device='cuda'); b = a.clone(); step = lambda: b.copy_(a)",
+    "prefill": "step = engine_load({model!r}, {dtype!r}, batch=1, prompt=2048, max_tokens=1)",
+    "decode": "step = engine_load({model!r}, {dtype!r}, batch=32, prompt=1024, max_tokens=1023)",
 }
 _LOAD_LOOP = """
 import select, sys, torch
+from pdlab.profiler import engine_load
 {setup}
 print("busy", flush=True)
 while not select.select([sys.stdin], [], [], 0)[0]:
@@ -174,6 +182,31 @@ while not select.select([sys.stdin], [], [], 0)[0]:
         step()
     torch.cuda.synchronize()
 """
+
+
+def engine_load(model: str, dtype: str, batch: int, prompt: int, max_tokens: int, device: str = "cuda"):
+    """A step function that keeps an engine (its `engine`) of `model` serving `batch` requests of `prompt`
+    tokens, each generating `max_tokens` (a new one starts as one ends)."""
+    from pdlab.engine.config import EngineConfig
+    from pdlab.engine.engine import LLMEngine
+    from pdlab.sampling_params import SamplingParams
+
+    max_len = prompt + max_tokens + 1
+    engine = LLMEngine(EngineConfig(model=model, device=device, dtype=dtype, num_blocks=batch * -(-max_len // 16) + 8,
+                                    max_num_seqs=batch, max_num_batched_tokens=2048, max_model_len=max_len))
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    added = 0
+
+    def step() -> None:
+        nonlocal added
+        while len(engine.scheduler.requests) < batch:
+            added += 1
+            engine.add_request([100 + (added * 7919 + i * 31) % (vocab - 100) for i in range(prompt)], params)
+        engine.step()
+
+    step.engine = engine
+    return step
 
 
 def parse_beside(text: str) -> tuple[str, int]:
@@ -186,7 +219,8 @@ def parse_beside(text: str) -> tuple[str, int]:
 
 
 @contextmanager
-def shared_gpu(sharing: str, sm_percentage: int | None, beside: tuple[str, int] | None):
+def shared_gpu(sharing: str, sm_percentage: int | None, beside: tuple[str, int] | None, model: str = "",
+               dtype: str = "bfloat16"):
     """This process sharing its GPU with the `beside` load: under MPS at `sm_percentage` (set before CUDA
     starts), or time-sliced (`sharing="time"`: plain processes, no SM limits)."""
     from pdlab.cluster.args import MPS_THREAD_PERCENTAGE_ENV, apply_sm_percentage
@@ -199,7 +233,8 @@ def shared_gpu(sharing: str, sm_percentage: int | None, beside: tuple[str, int] 
         if beside is not None:
             kind, pct = beside
             env = {**os.environ, MPS_THREAD_PERCENTAGE_ENV: str(pct)} if sharing == "mps" else dict(os.environ)
-            load = subprocess.Popen([sys.executable, "-c", _LOAD_LOOP.format(setup=_LOADS[kind])], env=env,
+            setup = _LOADS[kind].format(model=model, dtype=dtype)
+            load = subprocess.Popen([sys.executable, "-c", _LOAD_LOOP.format(setup=setup)], env=env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             stack.callback(load.wait, 60)
             stack.callback(load.stdin.close)
@@ -231,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--sm-percentage", type=int, default=None, help="profile under CUDA MPS at N%% of the SMs")
     parser.add_argument("--beside", default=None, metavar="KIND:P",
-                        help="with a second process busy at P%% of the SMs: matmul or copy")
+                        help="with a second process busy at P%% of the SMs: matmul, copy, or the engine itself "
+                             "(same model) prefilling or decoding")
     parser.add_argument("--sharing", choices=("mps", "time"), default="mps",
                         help="how --beside shares the GPU: under CUDA MPS, or time-sliced (no MPS)")
     parser.add_argument("--recheck", type=int, default=3,
@@ -250,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         if args.sm_percentage is not None or beside is not None:
             try:
-                stack.enter_context(shared_gpu(args.sharing, args.sm_percentage, beside))
+                stack.enter_context(shared_gpu(args.sharing, args.sm_percentage, beside, args.model,
+                                               "bfloat16" if args.dtype == "auto" else args.dtype))
             except (ConfigError, RuntimeError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2

@@ -157,3 +157,14 @@ def test_a_profile_retimes_rows_across_the_table_and_fails_when_they_disagree(tm
     assert profiler.main(["--model", "tiny", "--device", "cpu", "--prefill-tokens", "8", "--decode-batches", "1",
                           "--decode-contexts", "16", "--repeats", "1", "--out", str(out)]) == 1
     assert out.exists() and "2 of 2 rows timed again differ by more than 5%" in capsys.readouterr().err
+
+
+def test_an_engine_load_keeps_its_batch_serving():
+    from pdlab.profiler import engine_load
+
+    step = engine_load("tiny", "float32", batch=3, prompt=40, max_tokens=5, device="cpu")
+    for _ in range(12):  # 3 prompts in one step, 4 decode steps, then 3 new ones: never fewer than 3 requests
+        step()
+    engine = step.engine
+    assert len(engine.scheduler.requests) == 3
+    assert engine.scheduler.num_running == 3
