@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pdlab.models.attention import copy_to_device, resolve_attention_backend
+from pdlab.models.attention import resolve_attention_backend
 from pdlab.engine.config import EngineConfig
 from pdlab.models.kv_cache import KVCache
 from pdlab.engine.memory import MemoryPlan
@@ -26,7 +26,7 @@ from pdlab.models.transformer import Transformer
 from pdlab.policy import sizing
 from pdlab.policy.block_manager import BlockManager
 from pdlab.policy.request import Request
-from pdlab.policy.scheduler import ScheduledBatch, ScheduledRequest, Scheduler, SchedulerConfig
+from pdlab.policy.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pdlab.sampling_params import SamplingParams
 
 log = logging.getLogger("pdlab.engine")
@@ -289,29 +289,29 @@ class LLMEngine:
         pass, each layer right after its new KV is in the cache (a prefill instance
         starts that layer's transfer there; pdlab/engine/kv_io.py).
 
-        With `async_scheduling` a decode step is left running on the device when this returns, and the
-        next call first queues the step after it (the same requests, one token further, their input ids
-        taken from the running step's sampled tokens on the device), then waits for the running step and
-        returns its outputs. So each call returns the previous step's outputs while the GPU computes the
-        next. Only what the synchronous loop would schedule next is queued this way: every running request
-        decoding, none waiting or joining, blocks to spare, no KV pushes; anything else waits for the
-        running step and schedules as usual.
+        With `async_scheduling` the step is left running on the device when this returns, and the next
+        call first queues the step after it (`Scheduler.schedule_after`: every request one token or chunk
+        further, waiting ones admitted; the ids of the tokens just sampled come from the device), then
+        waits for the running step and returns its outputs. So each call returns the previous step's
+        outputs while the GPU computes the next. Where the next step is not known yet (a request joined,
+        blocks are short) it waits for the running step and schedules as usual; a step with KV pushes (a
+        prefill instance's) and tensor-parallel steps always run this way.
         """
         if not self.config.async_scheduling:
             batch = self.scheduler.schedule()
             return self._finish(self.runner.execute(batch, push_plan), batch) if batch.items else []
         running = self._in_flight
         self._in_flight = None
-        if running is not None and push_plan is None:
-            following = self._following(running)
+        if running is not None and push_plan is None and self.tp is None:
+            following = self.scheduler.schedule_after(running.batch)
             if following is not None:
-                self._in_flight = self.runner.launch(following, input_ids=self._ids_after(running, following))
+                self._in_flight = self.runner.launch(following, after=running)
         outputs = self.drain_step(running) if running is not None else []
         if self._in_flight is None:
             batch = self.scheduler.schedule()
             if batch.items:
                 launched = self.runner.launch(batch, push_plan)
-                if push_plan is None and self.tp is None and launched.to_sample:
+                if push_plan is None and self.tp is None:
                     self._in_flight = launched
                 else:
                     outputs += self.drain_step(launched)
@@ -331,40 +331,6 @@ class LLMEngine:
         touched = self.scheduler.update(batch, out.tokens, self.clock())
         self.apply_stop_strings(touched)
         return [self.output(r) for r in touched]
-
-    def _following(self, running: LaunchedStep) -> ScheduledBatch | None:
-        """The step the scheduler will choose once `running`'s tokens are in, if that is already known: one
-        decode token for every request of `running` that sampled and does not end there by length, when
-        those are all the running requests (in order), none waits, and their new blocks are free. Allocates
-        those blocks. None otherwise (and allocates nothing)."""
-        if self.tp is not None or self.scheduler.waiting or len(running.to_sample) != len(running.batch.items):
-            return None
-        c, scheduler = self.scheduler_config, self.scheduler
-        live = [item for item in running.batch.items if not item.request.is_finished]
-        if [item.request for item in live] != scheduler.running:
-            return None  # a request joined (a transfer landed) or the step preempted: the scheduler decides
-        following = [item for item in live
-                     if item.request.num_output_tokens + 1 < item.request.params.max_tokens
-                     and item.start + item.num_tokens + 1 < c.max_model_len]
-        if not following or len(following) > c.max_num_batched_tokens:
-            return None
-        blocks = self.block_manager
-        if sum(blocks.num_missing_blocks(i.request, i.start + i.num_tokens + 1) for i in following) > blocks.num_free_blocks:
-            return None  # the scheduler would preempt
-        batch = ScheduledBatch()
-        for item in following:
-            start = item.start + item.num_tokens
-            blocks.allocate(item.request, start + 1)
-            batch.items.append(ScheduledRequest(item.request, start, 1, sample=True))
-        return batch
-
-    def _ids_after(self, running: LaunchedStep, following: ScheduledBatch):
-        """`following`'s input ids [n] on the device: the tokens `running` sampled for its requests."""
-        if len(following.items) == len(running.to_sample):
-            return running.tokens
-        row = {item.request.request_id: r for r, item in enumerate(running.to_sample)}
-        index = torch.tensor([row[item.request.request_id] for item in following.items])
-        return running.tokens[copy_to_device(index, running.tokens.device)]
 
     def record_logprobs(self, request_id: str, entry: dict[int, float]) -> None:
         """Log-probabilities of a token sampled elsewhere (a prefill instance's first token)."""

@@ -47,6 +47,9 @@ class StepInputs:
     seqs: list[SeqSlice]
     sample_rows: list[int]
     pushes: list[Push] = field(default_factory=list)
+    # Rows whose token only the device has yet (async scheduling), with their request's id; their
+    # `input_ids` are 0 here. Rank 0 only: never encoded.
+    pending: list[tuple[int, str]] = field(default_factory=list)
 
     def encode(self) -> list[int]:
         out = [len(self.input_ids), len(self.seqs), len(self.sample_rows), len(self.pushes),
@@ -123,15 +126,18 @@ class ModelRunner:
                  graphs.sizes)
         return pool
 
-    def plan(self, batch: ScheduledBatch, ids_known: bool = True) -> StepInputs:
-        """Flatten the batch on the host: token ids, positions, cache slots, sequences, rows to sample.
-        `ids_known=False`: the token ids are still on the device (zeros here; see `launch`)."""
+    def plan(self, batch: ScheduledBatch) -> StepInputs:
+        """Flatten the batch on the host: token ids, positions, cache slots, sequences, rows to sample. A
+        decode of a token still being sampled (async scheduling) gets id 0 and a `pending` row."""
         bs = self.block_size
         inputs = StepInputs([], [], [], [], [])
         for item in batch.items:
             request = item.request
             end = item.start + item.num_tokens
-            tokens = request.token_ids(item.start, end) if ids_known else [0] * item.num_tokens
+            tokens = request.token_ids(item.start, end)
+            if len(tokens) < item.num_tokens:  # the last token is on the device
+                inputs.pending.append((len(inputs.input_ids) + len(tokens), request.request_id))
+                tokens = [*tokens, 0]
             inputs.seqs.append(SeqSlice(len(inputs.input_ids), item.num_tokens, end, request.block_ids[: -(-end // bs)]))
             inputs.input_ids.extend(tokens)
             for p in range(item.start, end):
@@ -185,19 +191,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, push_plan: PushPlan | None = None,
-               input_ids: torch.Tensor | None = None) -> LaunchedStep:
+               after: LaunchedStep | None = None) -> LaunchedStep:
         """Queue one step's work on the device and return without waiting for it: its sampled tokens stay
-        on the device until `collect`. `input_ids` [T] on the device: the step's token ids, when the host
-        does not know them yet (a step queued behind the one that samples them; tensor parallelism needs
-        them on the host)."""
-        inputs = self.plan(batch, ids_known=input_ids is None)
+        on the device until `collect`. `after`: the step still computing that samples the tokens this one
+        decodes (async scheduling; not with tensor parallelism, whose ranks need every id on the host)."""
+        inputs = self.plan(batch)
         if push_plan is not None:
             inputs.pushes = push_plan(batch)
         if self.tp is not None:
-            if input_ids is not None:
+            if inputs.pending:
                 raise ValueError("with tensor parallelism a step's token ids must be known on the host")
             self.tp.broadcast_ints([STEP, *inputs.encode()])
-        logits = self.forward(inputs, input_ids)
+        logits = self.forward(inputs, self._device_ids(inputs, after) if inputs.pending else None)
         to_sample = [item for item in batch.items if item.sample]
         if logits is None:
             return LaunchedStep(batch, [], None, None)
@@ -208,6 +213,22 @@ class ModelRunner:
         tokens = sample_on_device(logits, params, [item.request.seed for item in to_sample], indices)
         keep = any(p.logprobs is not None for p in params)
         return LaunchedStep(batch, to_sample, tokens, logits if keep else None)
+
+    def _device_ids(self, inputs: StepInputs, after: LaunchedStep | None) -> torch.Tensor:
+        """The step's input ids [T] on the device: the host's, with each pending row's token taken from the
+        tokens `after` sampled."""
+        if after is None or after.tokens is None:
+            raise ValueError("a step decoding tokens not yet sampled needs the step that samples them")
+        index = {item.request.request_id: r for r, item in enumerate(after.to_sample)}
+        sources = [index[rid] for _, rid in inputs.pending]
+        T, n = len(inputs.input_ids), len(sources)
+        if n == T and sources == list(range(len(after.to_sample))):
+            return after.tokens  # a decode step of the same requests, in the same order
+        rows = [row for row, _ in inputs.pending]
+        ids, rows_t, sources_t = copy_to_device(torch.tensor(inputs.input_ids + rows + sources), self.device).split(
+            [T, n, n])
+        ids[rows_t] = after.tokens[sources_t]
+        return ids
 
     @torch.inference_mode()
     def collect(self, step: LaunchedStep) -> StepOutput:

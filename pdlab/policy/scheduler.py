@@ -280,6 +280,47 @@ class Scheduler:
             budget -= num_tokens
         return budget
 
+    def schedule_after(self, batch: ScheduledBatch) -> ScheduledBatch | None:
+        """Async scheduling: the batch `schedule` will return once `batch`, still computing, is applied by
+        `update`, planned now on the assumption that no request stops on the token it samples there (one
+        that does has its next token computed and dropped: `update` skips finished requests). Each request
+        of `batch` that sampled decodes one token, unless its length ends it; the others take their next
+        prompt chunk; waiting requests fill the budget left, as `schedule` admits them (counting the
+        sequence slots of requests that end by length in `batch` as taken). Allocates the blocks.
+
+        None, changing nothing, when the outcome depends on more than that: requests joined or left the
+        running batch since `batch` was scheduled, blocks are short (`schedule` would preempt), or, without
+        chunked prefill, a request waits (its whole prompt would go first)."""
+        c = self.config
+        live = [item for item in batch.items if not item.request.is_finished]
+        if [item.request for item in live] != self.running or (self.waiting and not c.enable_chunked_prefill):
+            return None
+        budget = c.max_num_batched_tokens
+        plan = []
+        for item in live:
+            if budget <= 0:
+                break
+            request, start = item.request, item.start + item.num_tokens
+            if not item.sample:
+                known = request.num_tokens  # the rest of its prompt
+            elif request.num_output_tokens + 1 >= request.params.max_tokens or start + 1 >= c.max_model_len:
+                continue  # the token it samples in `batch` ends it by length
+            else:
+                known = start + 1  # that token, whose id only the device has yet
+            num_tokens = min(known - start, budget)
+            plan.append((request, start, num_tokens, start + num_tokens == known))
+            budget -= num_tokens
+        missing = sum(self.block_manager.num_missing_blocks(r, start + n) for r, start, n, _ in plan)
+        if missing > self.block_manager.num_free_blocks:
+            return None
+        following = ScheduledBatch()
+        for request, start, num_tokens, sample in plan:
+            self.block_manager.allocate(request, start + num_tokens)
+            following.items.append(ScheduledRequest(request, start, num_tokens, sample))
+        if c.enable_chunked_prefill:
+            self._schedule_waiting(following, budget, chunked=True)
+        return following if following.items else None
+
     @staticmethod
     def _item(request: Request, num_tokens: int) -> ScheduledRequest:
         start = request.num_computed_tokens

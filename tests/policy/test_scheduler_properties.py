@@ -139,3 +139,50 @@ def test_chunked_prefill_splits_a_long_prompt_and_mixes_with_decodes():
     assert signatures[2] == (("a", 4, 1), ("b", 12, 7))
     assert signatures[3] == (("a", 5, 1), ("b", 19, 1))
     assert kinds[1] == "mixed"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    arrivals=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 40), st.integers(1, 20)), min_size=1, max_size=12),
+    chunked=st.booleans(),
+    num_blocks=st.sampled_from([16, 24, 40, 300]),
+    budget=st.integers(1, 64),
+    seats=st.sampled_from([2, 64]),
+)
+def test_scheduling_ahead_gives_the_batches_schedule_gives_after_the_update(arrivals, chunked, num_blocks, budget,
+                                                                           seats):
+    """Async scheduling: `schedule_after(batch)` before `update(batch)` returns the batch `schedule` returns
+    after it (requests arriving between steps, preemptions, chunks), or None where it cannot know it yet.
+    The slots and blocks of a request that ends by length in `batch` are free only after the update, so
+    where they are short a waiting request may start a step later; with plenty of both (64 slots, 300
+    blocks), the two drivers schedule exactly alike. Every request finishes either way."""
+    block_size = 4
+    max_model_len = 64
+    config = SchedulerConfig(max_num_seqs=seats, max_num_batched_tokens=budget if chunked else max(budget, max_model_len),
+                             enable_chunked_prefill=chunked, max_model_len=max_model_len)
+
+    def drive(ahead: bool) -> list:
+        scheduler = Scheduler(config, BlockManager(num_blocks, block_size))
+        by_step: dict[int, list] = {}
+        for i, (at, prompt, out) in enumerate(arrivals):
+            by_step.setdefault(at, []).append(Request(str(i), [7] * min(prompt, max_model_len - 2),
+                                                      SamplingParams(max_tokens=out, ignore_eos=True)))
+        batches, running = [], None
+        for step in range(400):
+            for request in by_step.pop(step, []):
+                scheduler.add(request)
+            following = scheduler.schedule_after(running) if ahead and running is not None else None
+            if running is not None:
+                sampled = {item.request.request_id: 100 + step for item in running.items if item.sample}
+                scheduler.update(running, sampled, float(step))
+            running = following if following is not None else scheduler.schedule()
+            check(scheduler, running, config)
+            batches.append(running.signature())
+            if not scheduler.has_unfinished() and not by_step:
+                break
+        assert not scheduler.has_unfinished(), "every request finishes"
+        return batches
+
+    sync, ahead = drive(False), drive(True)
+    if seats == 64 and num_blocks == 300:
+        assert ahead == sync
