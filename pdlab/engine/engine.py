@@ -26,7 +26,7 @@ from pdlab.models.transformer import Transformer
 from pdlab.policy import sizing
 from pdlab.policy.block_manager import BlockManager
 from pdlab.policy.request import Request
-from pdlab.policy.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from pdlab.policy.scheduler import Scheduler, SchedulerConfig
 from pdlab.sampling_params import SamplingParams
 
 log = logging.getLogger("pdlab.engine")
@@ -297,38 +297,34 @@ class LLMEngine:
         blocks are short) it waits for the running step and schedules as usual; a step with KV pushes (a
         prefill instance's) and tensor-parallel steps always run this way.
         """
-        if not self.config.async_scheduling:
-            batch = self.scheduler.schedule()
-            return self._finish(self.runner.execute(batch, push_plan), batch) if batch.items else []
-        running = self._in_flight
-        self._in_flight = None
-        if running is not None and push_plan is None and self.tp is None:
+        overlap = self.config.async_scheduling and push_plan is None and self.tp is None
+        running, self._in_flight = self._in_flight, None
+        if running is not None and overlap:
             following = self.scheduler.schedule_after(running.batch)
             if following is not None:
                 self._in_flight = self.runner.launch(following, after=running)
-        outputs = self.drain_step(running) if running is not None else []
+        outputs = self._collect(running) if running is not None else []
         if self._in_flight is None:
             batch = self.scheduler.schedule()
             if batch.items:
                 launched = self.runner.launch(batch, push_plan)
-                if push_plan is None and self.tp is None:
+                if overlap:
                     self._in_flight = launched
                 else:
-                    outputs += self.drain_step(launched)
+                    outputs += self._collect(launched)
         return outputs
 
     def drain(self) -> list[RequestOutput]:
         """Wait for the step left running by `async_scheduling`, if any, and return its outputs."""
         running, self._in_flight = self._in_flight, None
-        return self.drain_step(running) if running is not None else []
+        return self._collect(running) if running is not None else []
 
-    def drain_step(self, step: LaunchedStep) -> list[RequestOutput]:
-        return self._finish(self.runner.collect(step), step.batch)
-
-    def _finish(self, out, batch: ScheduledBatch) -> list[RequestOutput]:
+    def _collect(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and apply them: the outputs of the requests that advanced."""
+        out = self.runner.collect(step)
         for request_id, entry in out.logprobs.items():
             self._logprobs.setdefault(request_id, []).append(entry)
-        touched = self.scheduler.update(batch, out.tokens, self.clock())
+        touched = self.scheduler.update(step.batch, out.tokens, self.clock())
         self.apply_stop_strings(touched)
         return [self.output(r) for r in touched]
 

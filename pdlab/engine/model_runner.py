@@ -182,18 +182,12 @@ class ModelRunner:
             hidden = hidden[rows]
         return self.model.compute_logits(hidden)  # [N, vocab]
 
-    def execute(self, batch: ScheduledBatch, push_plan: PushPlan | None = None) -> StepOutput:
-        """Run one step; return the new token of every item with `sample=True`, by request id.
-
-        `push_plan(batch)`, when given, lists the KV copies to make inside the forward pass,
-        each layer right after its K and V are written (a prefill instance's transfer)."""
-        return self.collect(self.launch(batch, push_plan))
-
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, push_plan: PushPlan | None = None,
                after: LaunchedStep | None = None) -> LaunchedStep:
         """Queue one step's work on the device and return without waiting for it: its sampled tokens stay
-        on the device until `collect`. `after`: the step still computing that samples the tokens this one
+        on the device until `collect`. `push_plan(batch)`, when given, lists the KV copies to make inside
+        the forward pass, each layer right after its K and V are written (a prefill instance's transfer). `after`: the step still computing that samples the tokens this one
         decodes (async scheduling; not with tensor parallelism, whose ranks need every id on the host)."""
         inputs = self.plan(batch)
         if push_plan is not None:

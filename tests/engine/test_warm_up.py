@@ -16,15 +16,15 @@ def test_warm_up_runs_prefill_decode_and_mixed_steps_and_leaves_the_engine_as_it
     warm, cold = engine(), engine()
     free = warm.block_manager.num_free_blocks
     kinds = []
-    real_execute = warm.runner.execute
+    real_launch = warm.runner.launch
 
-    def execute(batch, push_plan=None):
+    def launch(batch, push_plan=None, after=None):
         prefill = any(item.num_tokens > 1 for item in batch.items)
         decode = any(item.num_tokens == 1 for item in batch.items)
         kinds.append("mixed" if prefill and decode else "prefill" if prefill else "decode")
-        return real_execute(batch, push_plan)
+        return real_launch(batch, push_plan, after)
 
-    warm.runner.execute = execute
+    warm.runner.launch = launch
     warm.warm_up()
     assert {"prefill", "decode", "mixed"} <= set(kinds)
     assert warm.block_manager.num_free_blocks == free
