@@ -199,14 +199,26 @@ class ModelRunner:
         logits = self.forward(inputs, self._device_ids(inputs, after) if inputs.pending else None)
         to_sample = [item for item in batch.items if item.sample]
         if logits is None:
-            return LaunchedStep(batch, [], None, None)
+            return LaunchedStep(batch, [])
         params = [item.request.params for item in to_sample]
         # A token's output index from its position, not from the request's outputs so far: those lack the
         # tokens of steps still in flight.
         indices = [item.start + item.num_tokens - item.request.num_prompt_tokens for item in to_sample]
         tokens = sample_on_device(logits, params, [item.request.seed for item in to_sample], indices)
-        keep = any(p.logprobs is not None for p in params)
-        return LaunchedStep(batch, to_sample, tokens, logits if keep else None)
+        results = [tokens]
+        want = [r for r, p in enumerate(params) if p.logprobs is not None]
+        if want:
+            rows = None if len(want) == len(params) else copy_to_device(torch.tensor(want), self.device)
+            k = max(1, max(params[r].logprobs for r in want))
+            results += logprob_tensors(logits if rows is None else logits[rows], tokens if rows is None else tokens[rows], k)
+        # To the host as soon as they are computed, ahead of whatever the device is given next (the next
+        # step, with async scheduling): `collect` waits for these copies, not for that step.
+        ready = None
+        if self.device.type == "cuda":
+            results = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in results]
+            ready = torch.cuda.Event()
+            ready.record()
+        return LaunchedStep(batch, to_sample, tokens, results, ready)
 
     def _device_ids(self, inputs: StepInputs, after: LaunchedStep | None) -> torch.Tensor:
         """The step's input ids [T] on the device: the host's, with each pending row's token taken from the
@@ -230,13 +242,18 @@ class ModelRunner:
         out = StepOutput()
         if step.tokens is None:
             return out
-        tokens = step.tokens.tolist()
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = step.results[0].tolist()
         out.tokens = {item.request.request_id: token for item, token in zip(step.to_sample, tokens)}
-        params = [item.request.params for item in step.to_sample]
-        want = [r for r, p in enumerate(params) if p.logprobs is not None]
+        want = [item for item in step.to_sample if item.request.params.logprobs is not None]
         if want:
-            out.logprobs = top_logprobs(step.logits[want], [params[r].logprobs for r in want],
-                                        [tokens[r] for r in want], [step.to_sample[r].request.request_id for r in want])
+            values, ids, sampled = (t.tolist() for t in step.results[1:])
+            for r, item in enumerate(want):
+                k = item.request.params.logprobs
+                entry = dict(zip(ids[r][:k], values[r][:k]))
+                entry[out.tokens[item.request.request_id]] = sampled[r]
+                out.logprobs[item.request.request_id] = entry
         return out
 
     @torch.inference_mode()
@@ -249,13 +266,16 @@ class ModelRunner:
 
 @dataclass
 class LaunchedStep:
-    """A step queued on the device (`ModelRunner.launch`): its sampled tokens [N], in the order of
-    `to_sample`, still there; `logits` kept when a request asked for log-probabilities."""
+    """A step queued on the device (`ModelRunner.launch`). What it samples, in the order of `to_sample`:
+    `tokens` [N] on the device (where the next step may read them), and `results` on the host (the tokens,
+    then, when a request asked for log-probabilities, `logprob_tensors` of those rows), valid once `ready`
+    (a CUDA event; None on a CPU) has passed."""
 
     batch: ScheduledBatch
     to_sample: list[ScheduledRequest]
-    tokens: torch.Tensor | None
-    logits: torch.Tensor | None
+    tokens: torch.Tensor | None = None
+    results: list[torch.Tensor] = field(default_factory=list)
+    ready: torch.cuda.Event | None = None
 
 
 @dataclass
@@ -265,13 +285,9 @@ class StepOutput:
     logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
-def top_logprobs(logits: torch.Tensor, ks: list[int], tokens: list[int], ids: list[str]) -> dict[str, dict[int, float]]:
-    """Log-probabilities of the raw model distribution (before temperature and filters)."""
+def logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Log-probabilities of the raw model distribution (before temperature and filters) of each row:
+    [top-k values [R, k], their token ids [R, k], the sampled token's [R]]."""
     logp = torch.log_softmax(logits, dim=-1)  # [R, vocab]
-    top = logp.topk(max(max(ks), 1), dim=-1)
-    result = {}
-    for r, (k, token, rid) in enumerate(zip(ks, tokens, ids)):
-        entry = {int(t): float(v) for t, v in zip(top.indices[r, :k].tolist(), top.values[r, :k].tolist())}
-        entry[token] = float(logp[r, token])
-        result[rid] = entry
-    return result
+    top = logp.topk(k, dim=-1)
+    return [top.values, top.indices, logp.gather(1, tokens[:, None]).squeeze(1)]
