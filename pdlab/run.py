@@ -119,7 +119,7 @@ def run_sim(exp: Experiment, run: RunSection, progress: bool, log_dir: Path | No
                 raise PdlabError(f"run {run.name}: {field} {path}: {err}") from None
         if run.step_overhead_ms:
             cost = ServedCost(cost, overhead_seconds(run.step_overhead_ms))
-        return InstanceSpec(scheduler, num_blocks, e.block_size, cost)
+        return InstanceSpec(scheduler, num_blocks, e.block_size, cost, e.async_scheduling)
 
     link = LINKS[run.link]
     if run.link_bandwidth_gbps is not None:

@@ -57,6 +57,8 @@ class InstanceSpec:
     num_blocks: int
     block_size: int = 16
     cost: CostModel | None = None  # None: the cost model given to `simulate`
+    # The engine's async scheduling (a colocated instance's; see SimInstance.run).
+    async_scheduling: bool = False
 
 
 class SimInstance:
@@ -71,6 +73,8 @@ class SimInstance:
         self.block_manager = BlockManager(spec.num_blocks, spec.block_size)
         self.scheduler = Scheduler(spec.scheduler, self.block_manager)
         self.finished: list[Request] = []  # requests that ended here, in finishing order
+        self.async_scheduling = spec.async_scheduling and self.role == "mixed"
+        self._arrived: list[Request] | None = None  # async scheduling: the requests that arrived during a step
         self.num_steps = 0
         self.busy_s = 0.0
         # Test and tracing hooks: called before each `schedule`, and with each non-empty batch.
@@ -88,6 +92,9 @@ class SimInstance:
         return len(self.scheduler.requests)
 
     def add(self, request: Request) -> None:
+        if self._arrived is not None:
+            self._arrived.append(request)  # joins after the next step is planned (see `run`)
+            return
         self.scheduler.add(request)
         self.notify()
 
@@ -97,11 +104,17 @@ class SimInstance:
             self._wake.succeed()
 
     def run(self):
+        """Step while there is work. With async scheduling (a colocated instance), as the engine does: the
+        next step is planned while this one runs (`Scheduler.schedule_after`, before this step's update),
+        so a request that arrives during step n starts in step n + 2 at the earliest; the served overhead's
+        part that the GPU's work hides is the calibration's (a table measured on an async run)."""
         env, scheduler = self.env, self.scheduler
+        ahead = None
         while True:
             if self.before_schedule is not None:
                 self.before_schedule(self)
-            batch = scheduler.schedule() if scheduler.has_work() else None
+            batch = ahead if ahead is not None else scheduler.schedule() if scheduler.has_work() else None
+            ahead = None
             if batch is None or not batch.items:
                 self._wake = env.event()
                 yield self._wake
@@ -110,6 +123,8 @@ class SimInstance:
             if self.on_batch is not None:
                 self.on_batch(batch)
             step_s = self.cost.step_time_s(batch)
+            if self.async_scheduling:
+                self._arrived = []
             if self.gpu is None:
                 self.start_step(batch)
                 yield env.timeout(step_s)
@@ -121,6 +136,11 @@ class SimInstance:
                     yield env.timeout(host_s)
             self.num_steps += 1
             self.busy_s += step_s
+            if self.async_scheduling:
+                ahead = scheduler.schedule_after(batch)
+                arrived, self._arrived = self._arrived, None
+                for request in arrived:
+                    scheduler.add(request)
             sampled = {item.request.request_id: FAKE_TOKEN_ID for item in batch.items if item.sample}
             touched = scheduler.update(batch, sampled, env.now)
             finished = [r for r in touched if r.is_finished]
