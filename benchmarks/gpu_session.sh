@@ -48,7 +48,7 @@ stage kernels && run attention-kernels 150 python3 benchmarks/attention_kernels.
 stage kernels && run wint-kernels 400 python3 benchmarks/wint_kernels.py --write-table --out "$OUT/wint_kernels.json"
 stage kernels && run decode-breakdown 300 python3 benchmarks/decode_breakdown.py --out "$OUT/decode_breakdown.json"
 stage engine && run engine-speed 600 python3 benchmarks/engine_speed.py --model llama3-8b \
-  --variants "${VARIANTS:-bf16,bf16-eager,wint8,wint4}" ${HF---hf} --out "$OUT/engine_speed.json"
+  --variants "${VARIANTS:-bf16,bf16-async,bf16-eager,wint8,wint4,wint4-async}" ${HF---hf} --out "$OUT/engine_speed.json"
 stage engine && run step-gaps 150 python3 benchmarks/step_gaps.py --decode 1,8,64 --mixed 16:1,256:16,960:64 \
   --out "$OUT/step_gaps.json"
 # A gpt-fast-style compiled decode step of the same shape (torch.compile; its compile time not yet measured here):

@@ -187,8 +187,9 @@ class ModelRunner:
                after: LaunchedStep | None = None) -> LaunchedStep:
         """Queue one step's work on the device and return without waiting for it: its sampled tokens stay
         on the device until `collect`. `push_plan(batch)`, when given, lists the KV copies to make inside
-        the forward pass, each layer right after its K and V are written (a prefill instance's transfer). `after`: the step still computing that samples the tokens this one
-        decodes (async scheduling; not with tensor parallelism, whose ranks need every id on the host)."""
+        the forward pass, each layer right after its K and V are written (a prefill instance's transfer).
+        `after`: the step still computing that samples the tokens this one decodes (async scheduling; not
+        with tensor parallelism, whose ranks need every id on the host)."""
         inputs = self.plan(batch)
         if push_plan is not None:
             inputs.pushes = push_plan(batch)
@@ -210,12 +211,14 @@ class ModelRunner:
         if want:
             rows = None if len(want) == len(params) else copy_to_device(torch.tensor(want), self.device)
             k = max(1, max(params[r].logprobs for r in want))
-            results += logprob_tensors(logits if rows is None else logits[rows], tokens if rows is None else tokens[rows], k)
+            results += logprob_tensors(logits if rows is None else logits[rows],
+                                       tokens if rows is None else tokens[rows], k)
         # To the host as soon as they are computed, ahead of whatever the device is given next (the next
         # step, with async scheduling): `collect` waits for these copies, not for that step.
         ready = None
         if self.device.type == "cuda":
-            results = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in results]
+            results = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                       for t in results]
             ready = torch.cuda.Event()
             ready.record()
         return LaunchedStep(batch, to_sample, tokens, results, ready)
