@@ -80,8 +80,8 @@ def test_async_scheduling_gives_the_synchronous_engines_tokens_and_queues_decode
         assert all(abs(want[t] - have[t]) < 1e-4 for t in want)
     assert sync_ahead == 0 and ahead >= 20  # most decode steps were queued behind the running one
     assert steps <= sync_steps + 2
-    got_late, _, _ = _serve(engine, _requests(stop)[:0] + [(f"{r}-2", p, s) for r, p, s in _requests(stop)],
-                            late={**late})
+    # The same engine again, with a request arriving mid-run (admitted in a step queued ahead).
+    got_late, _, _ = _serve(engine, [(f"{r}-2", p, s) for r, p, s in _requests(stop)], late={**late})
     assert {rid.removesuffix("-2"): v[:2] for rid, v in got_late.items()} == {r: v[:2] for r, v in sync_late.items()}
 
 
