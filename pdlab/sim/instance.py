@@ -89,7 +89,7 @@ class SimInstance:
     @property
     def load(self) -> int:
         """Unfinished requests here: what the dispatch policies compare."""
-        return len(self.scheduler.requests)
+        return len(self.scheduler.requests) + len(self._arrived or ())
 
     def add(self, request: Request) -> None:
         if self._arrived is not None:
