@@ -102,6 +102,7 @@ def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int = 20) -
         engine.abort(rid)
     return wall, busy
 
+
 def gpu_busy_s(fn) -> float | None:
     """Seconds the GPU spent in kernels and copies while `fn` ran (overlaps counted once), from the profiler;
     None where it records nothing."""

@@ -48,6 +48,11 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _prompt(vocab: int, n: int, salt: int) -> list[int]:
+    """n token ids, different for each salt: nothing one request computes is reused by another."""
+    return [100 + (salt * 7919 + i * 31) % (vocab - 100) for i in range(n)]
+
+
 def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int], decode_batches: list[int],
                    decode_contexts: list[int], repeats: int, block_size: int = 16, seed: int = 0,
                    quantization: str | None = None, tensor_parallel_size: int = 1,
@@ -82,7 +87,7 @@ def profile_engine(model: str, device: str, dtype: str, prefill_tokens: list[int
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
 
     def prompt(n: int, salt: int) -> list[int]:
-        return [100 + (salt * 7919 + i * 31) % (vocab - 100) for i in range(n)]
+        return _prompt(vocab, n, salt)
 
     def timed_step() -> float:
         sync()
@@ -202,7 +207,7 @@ def engine_load(model: str, dtype: str, batch: int, prompt: int, max_tokens: int
         nonlocal added
         while len(engine.scheduler.requests) < batch:
             added += 1
-            engine.add_request([100 + (added * 7919 + i * 31) % (vocab - 100) for i in range(prompt)], params)
+            engine.add_request(_prompt(vocab, prompt, added), params)
         engine.step()
 
     step.engine = engine
